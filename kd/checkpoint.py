@@ -1,0 +1,57 @@
+"""Training state: accelerate's save_state (model as safetensors, optimizer and RNG states
+loaded back with weights_only=True), the loop's own state as JSON, and the kept (best)
+student weights, all in one folder swapped in atomically once complete."""
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from kd.engine import TrainerState
+from kd.errors import UsageError
+from kd.export import existing_dir, replace_dir_atomic, write_json_atomic
+
+STATE = "trainer_state.json"
+KEPT = "kept_student.safetensors"
+
+
+def _student_tensors(method) -> dict:
+    return {k: v.detach().cpu().contiguous() for k, v in method.student.state_dict().items()}
+
+
+def save(accelerator: Accelerator, method, state: TrainerState, folder: Path, keep_current: bool) -> None:
+    """Write the state into folder.tmp on every process, then swap it in on the main process.
+    `keep_current`: these student weights become the kept ones; else the previous kept copy
+    is carried over."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # collective: every process writes its RNG state
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(method)
+        if keep_current:
+            save_file(_student_tensors(unwrapped), tmp / KEPT)
+        else:
+            shutil.copy2(existing_dir(folder) / KEPT, tmp / KEPT)
+        write_json_atomic(tmp / STATE, state.to_dict())
+        replace_dir_atomic(tmp, folder)
+    accelerator.wait_for_everyone()
+
+
+def load(accelerator: Accelerator, folder: Path) -> TrainerState:
+    source = existing_dir(folder)
+    try:
+        accelerator.load_state(str(source))
+        return TrainerState(**json.loads((source / STATE).read_text()))
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, KeyError, TypeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot resume from {source}: the checkpoint is damaged or unsafe to load ({first_line[:200]}); start a new run with --overwrite") from error
+
+
+def kept_student(folder: Path) -> dict:
+    return load_file(existing_dir(folder) / KEPT)

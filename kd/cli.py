@@ -1,0 +1,76 @@
+"""The command lines of train_teacher.py, train_student.py and distill.py."""
+
+import dataclasses
+from typing import Optional, Sequence
+
+from kd import runner
+from kd.config import build_parser, parse
+from kd.distillers import DISTILLERS, FrozenTeacher, Supervised, build_distiller
+from kd.errors import UsageError, main_guard
+from kd.export import load_model
+from kd.models import list_taps
+
+ROLES = {
+    "teacher": dict(model="cifar_resnet14x4", output_dir="outputs/teacher"),
+    "student": dict(model="cifar_resnet8x4", output_dir="outputs/student"),
+}
+
+
+@main_guard
+def train_main(role: str, argv: Optional[Sequence[str]] = None):
+    parser = build_parser(f"train_{role}.py", f"Train the {role} on CIFAR-10 with cross-entropy.", ROLES[role])
+    cfg, _, run = parse(parser, argv)
+    supervised = lambda student, data, accelerator: Supervised(student, label_smoothing=cfg.label_smoothing)  # noqa: E731
+    return runner.run(cfg, run, supervised, extra={"role": role, "method": "supervised"})
+
+
+def load_teacher(source: str, num_classes: Optional[int] = None, image_shape=None) -> FrozenTeacher:
+    model = load_model(source, "teacher")
+    if num_classes is not None and model.num_classes != num_classes:
+        raise UsageError(f"teacher {source} predicts {model.num_classes} classes but the dataset has {num_classes}; train a teacher on this dataset")
+    teacher_input = tuple(model.pretrained_cfg.get("input_size", (3, 32, 32)))
+    if image_shape is not None and teacher_input != tuple(image_shape):
+        raise UsageError(f"teacher {source} was trained on {teacher_input} images but the dataset has {tuple(image_shape)}")
+    return FrozenTeacher(model)
+
+
+def print_layers(student, teacher: FrozenTeacher) -> None:
+    for role, model in (("student", student), ("teacher", teacher.model)):
+        print(f"{role} {model.pretrained_cfg.get('architecture')}:")
+        for name, shape in list_taps(model).items():
+            print(f"  {name:10s} {'x'.join(map(str, shape))}")
+
+
+@main_guard
+def distill_main(argv: Optional[Sequence[str]] = None):
+    parser = build_parser(
+        "distill.py",
+        "Train a student from a frozen teacher. --alpha weighs the teacher: "
+        "loss = (1-alpha)*CE + alpha*T^2*KL (some libraries use the opposite convention).",
+        {**ROLES["student"], "output_dir": None},
+        distill_modes=list(DISTILLERS),
+    )
+    cfg, distill, run = parse(parser, argv)
+    if run.output_dir is None:
+        run = dataclasses.replace(run, output_dir=f"outputs/distill-{distill.mode}")
+    if run.list_layers:
+        teacher = load_teacher(run.teacher)
+        print_layers(runner.create_student(cfg, teacher.model.num_classes), teacher)
+        return None
+
+    def make_method(student, data, accelerator):
+        teacher = load_teacher(run.teacher, data.num_classes, tuple(data.train.images.shape[1:]))
+        method = build_distiller(distill.mode, student, teacher, distill, cfg.label_smoothing)
+        teacher.to(accelerator.device)
+        return method
+
+    teacher_info = {"teacher": run.teacher, "method": distill.mode}
+    return runner.run(cfg, run, make_method, distill=distill, extra=teacher_info)
+
+
+def teacher_entry():
+    train_main("teacher")
+
+
+def student_entry():
+    train_main("student")

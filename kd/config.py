@@ -1,0 +1,159 @@
+"""Configuration flows one way: dataclass defaults <- optional YAML (--config) <- command line.
+
+Hyperparameters (`TrainConfig`, `DistillConfig`) are kept apart from infrastructure flags
+(`RunArgs`: data location, output folder, precision, tracking). The resolved config is
+written into the run folder and never changed during a run."""
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from kd.data import DEFAULT_DATASET
+from kd.errors import UsageError
+
+
+def _opt(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = _opt("cifar_resnet8x4", "timm model name (see timm.list_models('cifar_*'))")
+    epochs: int = _opt(30, "training epochs")
+    batch_size: int = _opt(512, "global batch: the same whatever the number of processes")
+    lr: float = _opt(0.2, "peak learning rate for --batch-size (scale it with the global batch)")
+    momentum: float = _opt(0.9, "SGD Nesterov momentum")
+    weight_decay: float = _opt(5e-4, "L2 weight decay on conv/linear weights (not on BN or biases)")
+    warmup_epochs: float = _opt(1.0, "linear warm-up from 0 before the cosine decay, in epochs")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy term")
+    grad_accum: int = _opt(1, "gradient accumulation steps (the global batch stays --batch-size)")
+    seed: int = _opt(0, "seed for weights, data order and augmentation")
+    val_size: int = _opt(5000, "images held out of train (stratified, fixed split) to pick the kept weights; 0: keep the last epoch")
+    max_train_samples: Optional[int] = _opt(None, "use only this many training images (quick runs)")
+    max_eval_samples: Optional[int] = _opt(None, "use only this many validation and test images (quick runs)")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    mode: str = _opt("logits", "distillation method", choices=None)
+    temperature: float = _opt(4.0, "softens both distributions in the logits term; KL is scaled by T**2")
+    alpha: float = _opt(0.9, "weight of the KD term: loss = (1-alpha)*CE + alpha*T^2*KL (alpha weighs the teacher)")
+    student_layer: str = _opt("layer2", "student tap for feature modes (distill.py --list-layers)")
+    teacher_layer: str = _opt("layer2", "teacher tap for feature modes")
+    hidden_factor: float = _opt(1.0, "weight of the feature (MSE) term")
+    logits_factor: float = _opt(1.0, "weight of the logits term in hybrid mode")
+    at_beta: float = _opt(1000.0, "weight of the attention-transfer term (Zagoruyko & Komodakis use 1000)")
+
+
+@dataclass(frozen=True)
+class RunArgs:
+    dataset: str = _opt(None, "Hub id or local folder readable by datasets.load_dataset (default: $KD_DATASET or uoft-cs/cifar10)")
+    output_dir: str = _opt("outputs/run", "run folder")
+    resume: bool = _opt(False, "continue from the run folder's last saved state")
+    overwrite: bool = _opt(False, "replace a run folder that already holds a run")
+    mixed_precision: Optional[str] = _opt(None, "no|bf16|fp16 (default: accelerate's config, else bf16 where supported)", choices=("no", "bf16", "fp16"))
+    channels_last: bool = _opt(False, "channels_last memory format")
+    compile: bool = _opt(False, "torch.compile the model")
+    report_to: str = _opt("wandb", "experiment tracker", choices=("wandb", "tensorboard", "all", "none"))
+    project: str = _opt("kd", "tracker project")
+    run_name: Optional[str] = _opt(None, "tracker run name (default: the output folder's name)")
+    tags: Tuple[str, ...] = _opt((), "tracker tags", nargs="*")
+    push_to_hub: Optional[str] = _opt(None, "after training, push the model to this Hub repo id")
+    hub_private: bool = _opt(False, "create the Hub repo as private")
+    teacher: str = _opt("outputs/teacher", "teacher: run folder, exported model folder or hf-hub:ORG/NAME")
+    list_layers: bool = _opt(False, "print the student's and teacher's layer names and shapes, then exit")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the whole usage block)
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _add_fields(group, cls, defaults: dict, skip=()) -> None:
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, f.default)
+        meta = dict(f.metadata)
+        help_text = meta.pop("help") + (f" (default: {default})" if default not in (None, False, ()) else "")
+        if f.type is bool or isinstance(f.default, bool):
+            group.add_argument(flag, action="store_true", default=default, help=help_text)
+            continue
+        kind = {int: int, float: float}.get(type(f.default) if f.default is not None else None, None)
+        if f.name in ("max_train_samples", "max_eval_samples"):
+            kind = int
+        group.add_argument(flag, type=kind or str, default=default, help=help_text, **{k: v for k, v in meta.items() if v is not None})
+
+
+def build_parser(prog: str, description: str, defaults: dict, distill_modes: Optional[List[str]] = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=description)
+    parser.add_argument("--config", help="YAML file of option: value pairs; the command line overrides it")
+    _add_fields(parser.add_argument_group("hyperparameters"), TrainConfig, defaults)
+    if distill_modes:
+        group = parser.add_argument_group("distillation")
+        _add_fields(group, DistillConfig, defaults)
+        group._group_actions[0].choices = distill_modes
+    teacher_flags = () if distill_modes else ("teacher", "list_layers")  # distill.py's only
+    _add_fields(parser.add_argument_group("run"), RunArgs, defaults, skip=teacher_flags)
+    return parser
+
+
+def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    import yaml
+
+    if not Path(path).is_file():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UsageError(f"config file {path} is not valid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {path} must hold option: value pairs")
+    known = {a.dest for a in parser._actions}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"config file {path}: unknown option {unknown[0]!r}")
+    return values
+
+
+def parse(parser: argparse.ArgumentParser, argv=None):
+    """Returns (TrainConfig, DistillConfig or None, RunArgs)."""
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        parser.set_defaults(**_yaml_defaults(parser, first.config))
+    ns = vars(parser.parse_args(argv))
+
+    def take(cls):
+        return cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls) if f.name in ns})
+
+    train = take(TrainConfig)
+    distill = take(DistillConfig) if "mode" in ns else None
+    run = take(RunArgs)
+    if run.dataset is None:
+        run = dataclasses.replace(run, dataset=DEFAULT_DATASET)
+    validate(train, distill)
+    return train, distill, run
+
+
+def validate(train: TrainConfig, distill: Optional[DistillConfig]) -> None:
+    positive = {"--lr": train.lr, "--epochs": train.epochs, "--batch-size": train.batch_size, "--grad-accum": train.grad_accum}
+    if distill:
+        positive["--temperature"] = distill.temperature
+    for flag, value in positive.items():
+        if not value > 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    for flag, value in {"--max-train-samples": train.max_train_samples, "--max-eval-samples": train.max_eval_samples}.items():
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    if train.weight_decay < 0 or train.warmup_epochs < 0 or not 0 <= train.label_smoothing < 1:
+        raise UsageError("--weight-decay and --warmup-epochs must be >= 0 and --label-smoothing in [0, 1)")
+    if distill and not 0 <= distill.alpha <= 1:
+        raise UsageError(f"--alpha must be in [0, 1], got {distill.alpha}")
+    if distill and (distill.hidden_factor < 0 or distill.logits_factor < 0):
+        raise UsageError("--hidden-factor and --logits-factor must be >= 0")

@@ -1,0 +1,193 @@
+"""A training run from start to finish: the run folder, the accelerator, the data, the epochs
+with checkpoints, the kept weights, the final metrics. Every script goes through `run`."""
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import timm
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from kd import checkpoint, engine, tracking
+from kd.config import DistillConfig, RunArgs, TrainConfig
+from kd.data import CifarData, DeviceLoader, load_cifar
+from kd.distillers import Distiller
+from kd.errors import UsageError
+from kd.export import existing_dir, export_model, write_json_atomic, write_text_atomic
+
+CHECKPOINT = "checkpoint"
+RUN_FILES = ("config.json", "model.safetensors", "metrics.json", "run_config.json", "history.jsonl",
+             "curves.png", "README.md", CHECKPOINT, CHECKPOINT + ".old", "wandb", "tensorboard")
+
+# builds the method to train from (student, data, accelerator); returns it and facts for run_config.json
+MethodFactory = Callable[[torch.nn.Module, CifarData, Accelerator], Distiller]
+
+
+def default_mixed_precision() -> str:
+    """accelerate's config (ACCELERATE_MIXED_PRECISION, set by `accelerate launch`), else bf16
+    where the hardware has it (CPUs and Ampere+ GPUs), else fp32."""
+    configured = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if configured:
+        return configured
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16"
+
+
+def check_output_dir(run: RunArgs) -> None:
+    out = Path(run.output_dir)
+    has_run = out.exists() and any((out / name).exists() for name in ("run_config.json", CHECKPOINT, CHECKPOINT + ".old"))
+    if run.resume and not (existing_dir(out / CHECKPOINT)):
+        raise UsageError(f"nothing to resume in {out}: it holds no checkpoint; drop --resume to start a new run")
+    if has_run and not run.resume and not run.overwrite:
+        raise UsageError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --output-dir")
+
+
+def clear_old_run(out: Path) -> None:
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def provenance() -> Dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    import accelerate
+    import datasets
+    import timm as timm_module
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "accelerate": accelerate.__version__,
+                "datasets": datasets.__version__, "timm": timm_module.__version__}
+    return {"git_commit": commit or None, "versions": versions, "command": " ".join(sys.argv)}
+
+
+def make_accelerator(cfg: TrainConfig, run: RunArgs, trackers) -> Accelerator:
+    accelerator = Accelerator(
+        mixed_precision=run.mixed_precision or default_mixed_precision(),
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=trackers or None,
+        project_dir=run.output_dir,
+        dynamo_backend="inductor" if run.compile else None,
+    )
+    per_step = accelerator.num_processes * cfg.grad_accum
+    if cfg.batch_size % per_step:
+        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by {accelerator.num_processes} processes x {cfg.grad_accum} accumulation steps")
+    return accelerator
+
+
+def create_student(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    if cfg.model not in timm.list_models():
+        raise UsageError(f"unknown model {cfg.model!r}; kd models: {', '.join(timm.list_models('cifar_*'))}")
+    return timm.create_model(cfg.model, num_classes=num_classes)
+
+
+def loaders(data: CifarData, cfg: TrainConfig, run: RunArgs, accelerator: Accelerator):
+    common = dict(device=accelerator.device, mean=data.mean, std=data.std, process_index=accelerator.process_index,
+                  num_processes=accelerator.num_processes, channels_last=run.channels_last)
+    train = DeviceLoader(data.train, cfg.batch_size // cfg.grad_accum, train=True, seed=cfg.seed, **common)
+    if len(train) < cfg.grad_accum:
+        raise UsageError(f"{len(data.train)} training images make no full batch of {cfg.batch_size}; lower --batch-size")
+    evaluation = lambda split: DeviceLoader(split, cfg.batch_size, train=False, **common) if split is not None else None  # noqa: E731
+    return train, evaluation(data.val), evaluation(data.test)
+
+
+def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Optional[DistillConfig] = None, extra: Optional[Dict] = None) -> Dict:
+    """Train `cfg.model` with the method `make_method` builds; returns the final metrics."""
+    check_output_dir(run)
+    out = Path(run.output_dir)
+    trackers = tracking.resolve_trackers(run.report_to, announce=lambda m: print(m, file=sys.stderr) if os.environ.get("RANK", "0") == "0" else None)
+    accelerator = make_accelerator(cfg, run, trackers)
+    set_seed(cfg.seed)
+    with accelerator.main_process_first():  # the main process decodes and caches; the others read the cache
+        data = load_cifar(run.dataset, cfg.val_size, cfg.max_train_samples, cfg.max_eval_samples)
+    method = make_method(create_student(cfg, data.num_classes), data, accelerator)
+    resolved = {"train": dataclasses.asdict(cfg), "distill": dataclasses.asdict(distill) if distill else None,
+                "run": dataclasses.asdict(run), **(extra or {}), "data": {"num_train": len(data.train),
+                "num_val": len(data.val) if data.val else 0, "num_test": len(data.test), "class_names": data.class_names,
+                "mean": data.mean, "std": data.std}, "num_processes": accelerator.num_processes,
+                "mixed_precision": accelerator.mixed_precision, **provenance()}
+    if run.resume:
+        check_resumable(out, resolved)
+    accelerator.wait_for_everyone()  # every process has checked the folder before anything is written
+    if accelerator.is_main_process:
+        if run.overwrite and not run.resume:
+            clear_old_run(out)
+        write_json_atomic(out / "run_config.json", resolved)
+    accelerator.init_trackers(run.project, config=tracking.flat_config(resolved),
+                              init_kwargs=tracking.init_kwargs(out, run.run_name or out.name, run.tags))
+    metrics = fit(accelerator, method, data, cfg, run)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+def check_resumable(out: Path, resolved: Dict) -> None:
+    saved = json.loads((out / "run_config.json").read_text())
+    for section in ("train", "distill"):
+        for key, value in (resolved[section] or {}).items():
+            before = (saved.get(section) or {}).get(key)
+            if json.dumps(before) != json.dumps(value):
+                raise UsageError(f"--resume: {key} was {before!r} in this run, now {value!r}; resume with the run's settings or start a new --output-dir")
+
+
+def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: TrainConfig, run: RunArgs) -> Dict:
+    out = Path(run.output_dir)
+    train_loader, val_loader, test_loader = loaders(data, cfg, run, accelerator)
+    if run.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    optimizer = engine.make_optimizer(method, cfg)
+    method, optimizer = accelerator.prepare(method, optimizer)
+    state = checkpoint.load(accelerator, out / CHECKPOINT) if run.resume else engine.TrainerState()
+    steps_per_epoch = len(train_loader) // cfg.grad_accum
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    student = lambda: accelerator.unwrap_model(method).student  # noqa: E731
+    while state.epoch < cfg.epochs:
+        train_loader.set_epoch(state.epoch)
+        record = engine.train_one_epoch(accelerator, method, optimizer, train_loader, cfg, state, total_steps, warmup_steps)
+        state.epoch += 1
+        record = {"epoch": state.epoch, "step": state.step, **record}
+        if val_loader is not None:
+            val = engine.evaluate(accelerator, student(), val_loader, data.class_names)
+            record.update({f"val_{k}": v for k, v in val.items() if k != "per_class"})
+        score = record.get("val_f1_macro", state.epoch)  # no validation split: keep the last epoch
+        improved = score > state.best_score
+        if improved:
+            state.best_epoch, state.best_score = state.epoch, score
+        state.history.append(record)
+        checkpoint.save(accelerator, method, state, out / CHECKPOINT, keep_current=improved)
+        if accelerator.is_main_process:
+            write_text_atomic(out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
+        accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=state.epoch)
+        accelerator.print(engine.summary_line(record))
+    return finish(accelerator, student(), data, state, out, val_loader, test_loader)
+
+
+def finish(accelerator: Accelerator, student, data: CifarData, state, out: Path, val_loader, test_loader) -> Dict:
+    """Evaluate the kept weights on val and test, export them and write metrics.json."""
+    student.load_state_dict(checkpoint.kept_student(out / CHECKPOINT))
+    metrics = {"test": engine.evaluate(accelerator, student, test_loader, data.class_names)}
+    if val_loader is not None:
+        metrics["val"] = engine.evaluate(accelerator, student, val_loader, data.class_names)
+    metrics["kept_epoch"] = state.best_epoch
+    metrics["selected_by"] = "best validation f1_macro" if val_loader is not None else "last epoch (no validation split)"
+    metrics["epochs"] = state.epoch
+    if accelerator.is_main_process:
+        export_model(student, out, data.class_names, data.mean, data.std)
+        write_json_atomic(out / "metrics.json", metrics)
+    accelerator.log(tracking.flat_metrics("test", metrics["test"]), step=state.epoch)
+    test = metrics["test"]
+    accelerator.print(f"test (epoch {state.best_epoch} weights): accuracy={test['accuracy']:.4f} f1_macro={test['f1_macro']:.4f} -> {out}")
+    return metrics

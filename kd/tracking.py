@@ -1,0 +1,52 @@
+"""Experiment tracking through accelerate's trackers (wandb, tensorboard)."""
+
+import netrc
+import os
+from pathlib import Path
+from typing import Dict, List
+
+TRACKERS = {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["wandb", "tensorboard"], "none": []}
+
+
+def _wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_trackers(report_to: str, announce) -> List[str]:
+    """The trackers to start. wandb with no credentials and no WANDB_MODE falls back to
+    offline mode with one notice: never a login prompt, never a crash."""
+    trackers = TRACKERS[report_to]
+    if "wandb" in trackers and not os.environ.get("WANDB_MODE") and not _wandb_has_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+        announce("wandb: no credentials found, logging offline (sync later with `wandb sync`; set WANDB_MODE=disabled or --report-to none to turn it off)")
+    if "wandb" in trackers and os.environ.get("WANDB_MODE") == "disabled":
+        trackers = [t for t in trackers if t != "wandb"]
+    return trackers
+
+
+def init_kwargs(run_dir: Path, run_name: str, tags) -> Dict:
+    return {"wandb": {"name": run_name, "tags": list(tags), "dir": str(run_dir)}}
+
+
+def flat_metrics(prefix: str, metrics: Dict) -> Dict[str, float]:
+    """Scalars of a metrics dict (per_class flattened as prefix/class/stat)."""
+    out = {f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+    for name, stats in metrics.get("per_class", {}).items():
+        out.update({f"{prefix}/{name}/{k}": v for k, v in stats.items()})
+    return out
+
+
+def flat_config(resolved: Dict) -> Dict:
+    """The resolved config as one level of scalars (what trackers accept)."""
+    out = {}
+    for section, values in resolved.items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{k}": v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in values.items()})
+        else:
+            out[section] = values if isinstance(values, (int, float, str, bool)) or values is None else str(values)
+    return out
