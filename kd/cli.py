@@ -24,14 +24,12 @@ def train_main(role: str, argv: Optional[Sequence[str]] = None):
     return runner.run(cfg, run, supervised, extra={"role": role, "method": "supervised"})
 
 
-def load_teacher(source: str, num_classes: Optional[int] = None, image_shape=None) -> FrozenTeacher:
-    model = load_model(source, "teacher")
-    if num_classes is not None and model.num_classes != num_classes:
+def check_teacher(model, source: str, num_classes: int, image_shape) -> None:
+    if model.num_classes != num_classes:
         raise UsageError(f"teacher {source} predicts {model.num_classes} classes but the dataset has {num_classes}; train a teacher on this dataset")
     teacher_input = tuple(model.pretrained_cfg.get("input_size", (3, 32, 32)))
-    if image_shape is not None and teacher_input != tuple(image_shape):
+    if teacher_input != tuple(image_shape):
         raise UsageError(f"teacher {source} was trained on {teacher_input} images but the dataset has {tuple(image_shape)}")
-    return FrozenTeacher(model)
 
 
 def print_layers(student, teacher: FrozenTeacher) -> None:
@@ -53,13 +51,13 @@ def distill_main(argv: Optional[Sequence[str]] = None):
     cfg, distill, run = parse(parser, argv)
     if run.output_dir is None:
         run = dataclasses.replace(run, output_dir=f"outputs/distill-{distill.mode}")
+    teacher = FrozenTeacher(load_model(run.teacher, "teacher"))  # before the data: a wrong path fails fast
     if run.list_layers:
-        teacher = load_teacher(run.teacher)
         print_layers(runner.create_student(cfg, teacher.model.num_classes), teacher)
         return None
 
     def make_method(student, data, accelerator):
-        teacher = load_teacher(run.teacher, data.num_classes, tuple(data.train.images.shape[1:]))
+        check_teacher(teacher.model, run.teacher, data.num_classes, data.train.images.shape[1:])
         method = build_distiller(distill.mode, student, teacher, distill, cfg.label_smoothing)
         teacher.to(accelerator.device)
         return method

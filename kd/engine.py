@@ -2,6 +2,7 @@
 the method returns (logits, {name: weighted loss}) and the loop sums the dict."""
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
@@ -55,7 +56,7 @@ def train_one_epoch(accelerator: Accelerator, model, optimizer, loader: DeviceLo
     sums: Dict[str, torch.Tensor] = {}
     first_bad_step = torch.tensor(-1, device=accelerator.device)
     micro_steps = len(loader) // cfg.grad_accum * cfg.grad_accum  # whole optimizer steps only
-    bar = tqdm(total=micro_steps, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not accelerator.is_local_main_process, leave=False)
+    bar = tqdm(total=micro_steps, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not (accelerator.is_local_main_process and sys.stderr.isatty()), leave=False)
     images_seen, start = 0, time.perf_counter()
     for micro_step, (images, labels, _) in enumerate(loader):
         if micro_step == micro_steps:

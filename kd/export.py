@@ -106,7 +106,8 @@ def load_model(source: str, what: str = "model") -> torch.nn.Module:
         raise UsageError(f"{folder / WEIGHTS} is not a readable safetensors file ({error}); export the {what} again") from error
     if config["architecture"] not in timm.list_models():
         raise UsageError(f"{what} at {source} is a {config['architecture']!r}, which is not a registered model")
-    model = timm.create_model(config["architecture"], num_classes=config["num_classes"], **config.get("model_args", {}))
+    model_args = {**config.get("model_args", {}), "num_classes": config["num_classes"]}
+    model = timm.create_model(config["architecture"], **model_args)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
