@@ -5,6 +5,7 @@ student weights, all in one folder swapped in atomically once complete."""
 import json
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,9 +47,14 @@ def save(accelerator: Accelerator, method, state: TrainerState, folder: Path, ke
 def load(accelerator: Accelerator, folder: Path) -> TrainerState:
     source = existing_dir(folder)
     try:
-        accelerator.load_state(str(source))
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing it
+            warnings.simplefilter("ignore")
+            accelerator.load_state(str(source))
         return TrainerState(**json.loads((source / STATE).read_text()))
-    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, KeyError, TypeError) as error:
+    except pickle.UnpicklingError as error:
+        raise UsageError(f"refused to resume from {source}: a file there holds Python objects that are not plain tensors "
+                         "(an unsafe pickle, loaded only with weights_only=True); start a new run with --overwrite") from error
+    except (RuntimeError, OSError, ValueError, KeyError, TypeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"cannot resume from {source}: the checkpoint is damaged or unsafe to load ({first_line[:200]}); start a new run with --overwrite") from error
 

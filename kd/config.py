@@ -67,7 +67,7 @@ class RunArgs:
     list_layers: bool = _opt(False, "print the student's and teacher's layer names and shapes, then exit")
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse prints the whole usage block)
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
@@ -91,7 +91,7 @@ def _add_fields(group, cls, defaults: dict, skip=()) -> None:
 
 
 def build_parser(prog: str, description: str, defaults: dict, distill_modes: Optional[List[str]] = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description)
+    parser = Parser(prog=prog, description=description)
     parser.add_argument("--config", help="YAML file of option: value pairs; the command line overrides it")
     _add_fields(parser.add_argument_group("hyperparameters"), TrainConfig, defaults)
     if distill_modes:

@@ -53,11 +53,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KD_CACHE_DIR", Path.home() / ".cache" / "kd"))
 
 
+def is_local_dataset(dataset: str) -> bool:
+    """A folder on disk rather than a Hub id: it exists, starts like a path, or has more than one '/'."""
+    return Path(dataset).expanduser().exists() or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1
+
+
 def _load_dataset_dict(dataset: str):
     import datasets
 
+    datasets.disable_progress_bars()  # our own output stays readable; decoding says what it does
     local = Path(dataset).expanduser()
-    looks_local = local.exists() or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1
+    looks_local = is_local_dataset(dataset)
     if looks_local and not local.exists():
         raise UsageError(f"dataset folder {dataset} does not exist; pass --dataset with a folder that holds the parquet files")
     try:
@@ -103,6 +109,7 @@ def _decoded(split, image_column: str, key: str) -> Split:
     if path.exists():
         tensors = load_file(path)
         return Split(tensors["images"], tensors["labels"])
+    print(f"decoding {len(split)} images once; cached as {path}", flush=True)
     decoded = _decode(split, image_column)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")

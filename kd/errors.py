@@ -1,6 +1,7 @@
 """A user's mistake ends the run with one line and a non-zero exit, never a traceback."""
 
 import functools
+import os
 import sys
 
 
@@ -24,7 +25,8 @@ def main_guard(main):
         try:
             return main(*args, **kwargs)
         except UsageError as error:
-            print(f"error: {error}", file=sys.stderr, flush=True)
+            if os.environ.get("RANK", "0") == "0":  # every process hits it; one says so
+                print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(error.exit_code)
 
     return wrapper

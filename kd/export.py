@@ -67,6 +67,7 @@ def export_model(model: torch.nn.Module, run_dir: Path, class_names: Sequence[st
         )
         # weights first, config last: a config.json always has complete weights beside it
         for name in (WEIGHTS, CONFIG):
+            os.chmod(staging / name, 0o644)  # safetensors writes 0600; a shared teacher must be readable
             os.replace(staging / name, run_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

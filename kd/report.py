@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from kd.config import _Parser  # argparse with one-line errors, like the training scripts
+from kd.config import Parser  # argparse with one-line errors, like the training scripts
 from kd.errors import UsageError, main_guard
 from kd.export import write_text_atomic
 
@@ -216,8 +216,8 @@ def _save_figure_atomic(fig, path: Path) -> None:
     os.replace(handle.name, path)
 
 
-def build_parser() -> _Parser:
-    parser = _Parser(prog="python -m kd.report", description=__doc__.splitlines()[0])
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m kd.report", description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders of run folders")
     parser.add_argument("--output", default="report.md", help="Markdown file to write (default: report.md)")
     parser.add_argument("--chart", default=None, help="PNG bar chart to write (default: the --output path with .png)")

@@ -22,6 +22,8 @@ from kd.data import CifarData, DeviceLoader, load_cifar
 from kd.distillers import Distiller
 from kd.errors import UsageError
 from kd.export import existing_dir, export_model, write_json_atomic, write_text_atomic
+from kd.hub import push_run, write_model_card
+from kd.plots import plot_history
 
 CHECKPOINT = "checkpoint"
 RUN_FILES = ("config.json", "model.safetensors", "metrics.json", "run_config.json", "history.jsonl",
@@ -82,15 +84,22 @@ def make_accelerator(cfg: TrainConfig, run: RunArgs, trackers) -> Accelerator:
         project_dir=run.output_dir,
         dynamo_backend="inductor" if run.compile else None,
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise UsageError(f"{launched} processes were launched but accelerate runs {accelerator.num_processes}; on CPU set ACCELERATE_USE_CPU=1")
     per_step = accelerator.num_processes * cfg.grad_accum
     if cfg.batch_size % per_step:
         raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by {accelerator.num_processes} processes x {cfg.grad_accum} accumulation steps")
     return accelerator
 
 
+def check_model_name(name: str) -> None:
+    if name not in timm.list_models():
+        raise UsageError(f"unknown model {name!r}; kd models: {', '.join(timm.list_models('cifar_*'))}")
+
+
 def create_student(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
-    if cfg.model not in timm.list_models():
-        raise UsageError(f"unknown model {cfg.model!r}; kd models: {', '.join(timm.list_models('cifar_*'))}")
+    check_model_name(cfg.model)
     return timm.create_model(cfg.model, num_classes=num_classes)
 
 
@@ -107,6 +116,7 @@ def loaders(data: CifarData, cfg: TrainConfig, run: RunArgs, accelerator: Accele
 def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Optional[DistillConfig] = None, extra: Optional[Dict] = None) -> Dict:
     """Train `cfg.model` with the method `make_method` builds; returns the final metrics."""
     check_output_dir(run)
+    check_model_name(cfg.model)
     out = Path(run.output_dir)
     trackers = tracking.resolve_trackers(run.report_to, announce=lambda m: print(m, file=sys.stderr) if os.environ.get("RANK", "0") == "0" else None)
     accelerator = make_accelerator(cfg, run, trackers)
@@ -131,6 +141,8 @@ def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Opt
     metrics = fit(accelerator, method, data, cfg, run)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if run.push_to_hub and accelerator.is_main_process:  # last: everything is saved before any push
+        accelerator.print(f"pushed to {push_run(out, run.push_to_hub, private=run.hub_private)}")
     return metrics
 
 
@@ -172,11 +184,13 @@ def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: Train
             write_text_atomic(out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
         accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=state.epoch)
         accelerator.print(engine.summary_line(record))
-    return finish(accelerator, student(), data, state, out, val_loader, test_loader)
+    return finish(accelerator, student(), data, state, run, val_loader, test_loader)
 
 
-def finish(accelerator: Accelerator, student, data: CifarData, state, out: Path, val_loader, test_loader) -> Dict:
-    """Evaluate the kept weights on val and test, export them and write metrics.json."""
+def finish(accelerator: Accelerator, student, data: CifarData, state, run: RunArgs, val_loader, test_loader) -> Dict:
+    """Evaluate the kept weights on val and test; export them, write metrics.json, the curves
+    and the model card."""
+    out = Path(run.output_dir)
     student.load_state_dict(checkpoint.kept_student(out / CHECKPOINT))
     metrics = {"test": engine.evaluate(accelerator, student, test_loader, data.class_names)}
     if val_loader is not None:
@@ -187,6 +201,8 @@ def finish(accelerator: Accelerator, student, data: CifarData, state, out: Path,
     if accelerator.is_main_process:
         export_model(student, out, data.class_names, data.mean, data.std)
         write_json_atomic(out / "metrics.json", metrics)
+        plot_history(state.history, out / "curves.png")
+        write_model_card(out, run.push_to_hub)
     accelerator.log(tracking.flat_metrics("test", metrics["test"]), step=state.epoch)
     test = metrics["test"]
     accelerator.print(f"test (epoch {state.best_epoch} weights): accuracy={test['accuracy']:.4f} f1_macro={test['f1_macro']:.4f} -> {out}")

@@ -4,16 +4,21 @@ import netrc
 import os
 from pathlib import Path
 from typing import Dict, List
+from urllib.parse import urlsplit
 
 TRACKERS = {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["wandb", "tensorboard"], "none": []}
 
 
 def _wandb_has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
+    """Where wandb itself looks: WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, then the netrc file
+    ($NETRC or ~/.netrc) entry of the server in use (WANDB_BASE_URL: self-hosted servers too)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    path = os.environ.get("NETRC") or str(Path.home() / ".netrc")
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):  # no file, unreadable or malformed: wandb would prompt
         return False
 
 

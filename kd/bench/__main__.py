@@ -1,0 +1,84 @@
+"""python -m kd.bench [--dataset PATH] [--threads N] [--quick] [--output FILE.json]
+
+Prints one table (figure | ours | baseline | ratio | target) under a line naming the machine;
+--output also writes the rows, settings and machine as JSON. About 5 minutes on 2 CPU cores;
+--quick (small batches, one timed round, no torch.compile) about 30 s, as a smoke test."""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import torch
+
+from kd.bench import figures
+from kd.bench.timing import Row, machine
+from kd.data import DEFAULT_DATASET, load_cifar
+from kd.export import write_json_atomic
+
+COLUMNS = ("figure", "ours", "baseline", "ratio", "target")
+BUDGET_S = 280  # the whole run stays under 5 minutes: torch.compile gets what is left of this
+
+
+def settings(args) -> figures.Settings:
+    if args.quick:
+        return figures.Settings(args.dataset, args.threads, batch_size=32, distill_batch_size=32, warmup=1, repeats=1,
+                                steps_per_call=1, pipeline_batches=4, memory_steps=1, measure_compile=False)
+    return figures.Settings(args.dataset, args.threads, batch_size=256, distill_batch_size=128, warmup=1, repeats=4,
+                            steps_per_call=1, pipeline_batches=40, memory_steps=1, measure_compile=True)
+
+
+def _cell(value, unit: str = "") -> str:
+    if isinstance(value, str):
+        return value
+    if not math.isfinite(value):
+        return "nan"
+    return f"{value:.3f}" if not unit else f"{value:,.0f} {unit}" if abs(value) >= 100 else f"{value:.1f} {unit}"
+
+
+def render(rows: List[Row], header: str) -> str:
+    def target(row: Row) -> str:
+        return row.target if row.met is None else f"{row.target} {'ok' if row.met else 'MISSED'}"
+
+    cells = [COLUMNS] + [(r.figure, _cell(r.ours, r.unit), _cell(r.baseline, r.unit), "-" if isinstance(r.ratio, str) else _cell(r.ratio), target(r)) for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join([header, *lines])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kd.bench", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--dataset", default=DEFAULT_DATASET, help=f"Hub id or local folder (default: $KD_DATASET or {DEFAULT_DATASET})")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every timed process (default: 1)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: small batches, one timed round, no torch.compile")
+    parser.add_argument("--output", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    s = settings(args)
+    start = time.perf_counter()
+    data = load_cifar(s.dataset, val_size=0)
+    rows, seconds = [], {}
+    for name, figure in (("train_loop", lambda: figures.train_loop(data, s)), ("input_pipeline", lambda: figures.input_pipeline(data, s)),
+                         ("distillation", lambda: figures.distillation(data, s)), ("memory", lambda: figures.memory(data, s)),
+                         ("speed_options", lambda: figures.speed_options(s, BUDGET_S - (time.perf_counter() - start)))):
+        figure_start = time.perf_counter()
+        rows += figure()
+        seconds[name] = round(time.perf_counter() - figure_start, 1)
+        print(f"[kd.bench] {name}: {seconds[name]:.0f} s", file=sys.stderr, flush=True)
+    info = machine(args.threads)
+    elapsed = time.perf_counter() - start
+    header = (f"machine: {info['cpu']} | torch threads {info['threads']} | torch {info['torch']} | device {info['device']} | "
+              f"batch {s.batch_size} | bf16 autocast unless noted | {'quick' if args.quick else 'full'} run, {elapsed:.0f} s")
+    print(render(rows, header))
+    if args.output:
+        write_json_atomic(Path(args.output), {"machine": info, "settings": vars(s), "elapsed_s": round(elapsed, 1),
+                                              "figure_seconds": seconds, "rows": [r.to_dict() for r in rows]})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

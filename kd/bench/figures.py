@@ -1,0 +1,194 @@
+"""One function per figure of the benchmark; each returns its rows of the table."""
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from kd.bench.isolated import run_isolated
+from kd.bench.timing import STUDENT, TEACHER, Row, bare_step, create_model, random_batch, time_steps
+from kd.config import DistillConfig, TrainConfig
+from kd.data import IMAGE_COLUMNS, CifarData, DeviceLoader
+from kd.distillers import DISTILLERS, FrozenTeacher, Supervised, build_distiller
+from kd.engine import TrainerState, make_optimizer, train_one_epoch
+
+MEMORY_LIMIT_MB = 4096  # the teacher's full-data run should fit a 4 GB machine
+
+
+@dataclass(frozen=True)
+class Settings:
+    dataset: str
+    threads: int
+    batch_size: int  # global batch of the training steps (figures 1, 2, 4, 5)
+    distill_batch_size: int  # batch of figure 3's eight methods, smaller to fit the time budget
+    warmup: int  # untimed rounds before the timed ones
+    repeats: int  # timed rounds; each figure reports their median
+    steps_per_call: int  # training steps per timed call of our loop and of the bare loop
+    pipeline_batches: int  # batches timed through the usual torch DataLoader pipeline
+    memory_steps: int  # training steps run for each peak-memory reading
+    measure_compile: bool  # torch.compile warms up for about 40 s on 2 cores
+
+
+def _batches(data: CifarData, n_images: int, batch_size: int):
+    """Normalized batches of the first training images, without augmentation."""
+    return [(x, y) for x, y, _ in DeviceLoader(data.train.head(n_images), batch_size, torch.device("cpu"), data.mean, data.std, train=False)]
+
+
+def train_loop(data: CifarData, s: Settings) -> List[Row]:
+    """Figure 1: our loop (accelerate, DeviceLoader with augmentation, Supervised method,
+    train_one_epoch) against the bare loop on pre-made batches, bf16 autocast both."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    n_images = s.batch_size * s.steps_per_call
+    split = data.train.head(n_images)
+    rows = []
+    for name in (STUDENT, TEACHER):
+        model = create_model(name, data.num_classes)
+        baseline = bare_step(copy.deepcopy(model), _batches(data, n_images, s.batch_size))
+        cfg = TrainConfig(model=name, batch_size=s.batch_size, epochs=1, lr=0.05)
+        method = Supervised(model)
+        method, optimizer = accelerator.prepare(method, make_optimizer(method, cfg))
+        loader = DeviceLoader(split, s.batch_size, accelerator.device, data.mean, data.std, train=True)
+        state = TrainerState()
+        ours = lambda: train_one_epoch(accelerator, method, optimizer, loader, cfg, state, 10**6, 0)  # noqa: E731
+        loader_only = lambda: [None for _ in loader]  # noqa: E731  the augmentation share of ours
+        times = time_steps({"ours": ours, "baseline": baseline, "loader": loader_only}, s.warmup, s.repeats)
+        rows.append(Row(f"1 train step {name}, img/s (our loop vs bare loop)", n_images / times["ours"], n_images / times["baseline"],
+                        "img/s", ">= 0.95", note="ours includes batched crop+flip+normalize; the bare loop has no augmentation"))
+        rows.append(Row(f"1 {name}: crop+flip+normalize ms/batch vs our step", 1e3 * times["loader"] / s.steps_per_call,
+                        1e3 * times["ours"] / s.steps_per_call, "ms", note="ratio: share of our step spent making the batch"))
+    return rows
+
+
+def _usual_pipeline(dataset: str, data: CifarData, batch_size: int, batches: int) -> float:
+    """img/s of `datasets` + torchvision per-sample transforms + DataLoader(num_workers=2),
+    after the workers have started (their first batches are not timed)."""
+    import datasets
+    from torchvision import transforms as T
+
+    train = datasets.load_dataset(dataset)["train"]
+    column = next(c for c in IMAGE_COLUMNS if c in train.features)
+    augment = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(data.mean, data.std)])
+    per_sample = lambda batch: {"pixel_values": [augment(im.convert("RGB")) for im in batch[column]], "label": batch["label"]}  # noqa: E731
+    loader = torch.utils.data.DataLoader(train.with_transform(per_sample), batch_size=batch_size, num_workers=2, shuffle=True, drop_last=True)
+    iterator = iter(loader)
+    for _ in range(2):  # worker start-up and first decodes
+        next(iterator)
+    batches = min(batches, len(loader) - 2)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    elapsed = time.perf_counter() - start
+    del iterator  # stops the workers
+    return batches * batch_size / elapsed
+
+
+def input_pipeline(data: CifarData, s: Settings) -> List[Row]:
+    """Figure 2: DeviceLoader over the whole training split vs the usual per-sample pipeline."""
+    loader = DeviceLoader(data.train, s.batch_size, torch.device("cpu"), data.mean, data.std, train=True)
+    ours = len(loader) * s.batch_size / time_steps(lambda: [None for _ in loader], s.warmup, s.repeats)
+    usual = _usual_pipeline(s.dataset, data, s.batch_size, s.pipeline_batches)
+    return [Row("2 input pipeline img/s (DeviceLoader vs datasets+torchvision DataLoader)", ours, usual, "img/s", ">= 8",
+                note=f"ours: {s.threads} thread(s) in the training process; usual: 2 worker processes, decoding each time")]
+
+
+def _method_step(method, optimizer, images, labels):
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, terms = method(images, labels)
+        sum(terms.values()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def distillation(data: CifarData, s: Settings) -> List[Row]:
+    """Figure 3: one training step of every method (8x4 student, 14x4 teacher) on one batch,
+    against plain student training and against a student step plus a teacher forward."""
+    images, labels = _batches(data, s.distill_batch_size, s.distill_batch_size)[0]
+    student = create_model(STUDENT, data.num_classes)
+    teacher = FrozenTeacher(create_model(TEACHER, data.num_classes, seed=1))
+    cfg = TrainConfig()
+    methods = {"student": Supervised(copy.deepcopy(student))}
+    methods.update({mode: build_distiller(mode, copy.deepcopy(student), teacher, DistillConfig(mode=mode)) for mode in DISTILLERS})
+    steps = {name: _method_step(m.train(), make_optimizer(m, cfg), images, labels) for name, m in methods.items()}
+    reference_student = Supervised(copy.deepcopy(student)).train()
+    student_step = _method_step(reference_student, make_optimizer(reference_student, cfg), images, labels)
+
+    def reference() -> None:  # what logits KD must cost at least: a student step and a teacher forward
+        student_step()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            teacher.model(images)
+
+    times = time_steps({**steps, "reference": reference}, s.warmup, s.repeats)
+    ms = {name: 1e3 * t for name, t in times.items()}
+    rows = [Row("3 logits step vs student step + teacher forward", ms["logits"], ms["reference"], "ms", "<= 1.10",
+                note=f"batch {s.distill_batch_size}; student {STUDENT}, teacher {TEACHER}"),
+            Row("3 hidden step (teacher stops at its tap) vs logits step", ms["hidden"], ms["logits"], "ms", "< 1")]
+    rows += [Row(f"3 {mode} step vs plain student step", ms[mode], ms["student"], "ms") for mode in DISTILLERS]
+    return rows
+
+
+def memory(data: CifarData, s: Settings) -> List[Row]:
+    """Figure 4: peak RSS of a few training steps, each in a fresh process. Distillation modes
+    are compared on the training phase alone; the teacher's figure includes loading the data."""
+    timeout = 300
+    job = dict(threads=s.threads, dataset=s.dataset, batch_size=s.batch_size, steps=s.memory_steps,
+               num_images=len(data.train), num_classes=data.num_classes)
+    results = {kind: run_isolated("memory", timeout, kind=kind, **job) for kind in ("bare", "student", *DISTILLERS, "teacher")}
+
+    def peak(kind: str, key: str):
+        result = results[kind]
+        return result[key] if "error" not in result else f"failed: {result['error']}"
+
+    student_train = peak("student", "train_peak_mb")
+    rows = [Row(f"4 peak RSS {STUDENT} training: our loop+data vs bare loop", student_train, peak("bare", "peak_mb"), "MiB",
+                note="ours holds a uint8 split of the training split's size; bare has no data")]
+    rows += [Row(f"4 peak RSS {mode} vs plain student training", peak(mode, "train_peak_mb"), student_train, "MiB") for mode in DISTILLERS]
+    teacher = results["teacher"]
+    rows.append(Row(f"4 peak RSS {TEACHER} on the full train split vs 4 GiB", peak("teacher", "peak_mb"), MEMORY_LIMIT_MB, "MiB", "< 1",
+                    note=f"loading peak {teacher.get('load_peak_mb', 0):.0f} MiB, training peak {teacher.get('train_peak_mb') or 0:.0f} MiB, "
+                         f"{teacher.get('num_train', 0)} images"))
+    return rows
+
+
+def speed_options(s: Settings, seconds_left: float) -> List[Row]:
+    """Figure 5: channels_last, bf16, glibc's allocator and torch.compile, each against the
+    default bare step. The last two need fresh processes; compile gets what is left of the
+    time budget."""
+    batch = [random_batch(s.batch_size)]
+    model = create_model(STUDENT)
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    batch_cl = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batch]
+    variants = {"default": bare_step(model, batch), "channels_last": bare_step(channels_last, batch_cl),
+                "fp32": bare_step(copy.deepcopy(model), batch, bf16=False)}
+    start = time.perf_counter()
+    times = time_steps(variants, s.warmup, s.repeats)
+    per_s = {name: s.batch_size / t for name, t in times.items()}
+    rows = [Row(f"5 {STUDENT} channels_last vs default (bf16), img/s", per_s["channels_last"], per_s["default"], "img/s"),
+            Row(f"5 {STUDENT} bf16 autocast vs fp32, img/s", per_s["default"], per_s["fp32"], "img/s", "> 1")]
+    job = dict(threads=s.threads, batch_size=s.batch_size, warmup=s.warmup, repeats=s.repeats)
+    default, kept = (run_isolated("malloc", 120, keep=keep, **job) for keep in (False, True))
+    rows.append(_isolated_row(f"5 {STUDENT} glibc malloc keeping freed memory vs default, img/s", kept, default, s.batch_size,
+                              lambda: f"fresh processes one after the other; peak RSS {kept['peak_mb']:.0f} vs {default['peak_mb']:.0f} MiB"))
+    seconds_left -= time.perf_counter() - start
+    if not s.measure_compile:
+        compiled = {"error": "skipped: --quick"}
+    elif seconds_left < 60:
+        compiled = {"error": f"skipped: {max(seconds_left, 0):.0f} s left of the time budget"}
+    else:
+        compiled = run_isolated("compile", seconds_left, **job)
+    return rows + [_isolated_row(f"5 {STUDENT} torch.compile vs eager (bf16), img/s", compiled, compiled, s.batch_size,
+                                 lambda: f"after a compile warm-up of {compiled['compile_warmup_s']:.0f} s", ("compiled", "eager"))]
+
+
+def _isolated_row(figure: str, ours: dict, baseline: dict, batch_size: int, note, keys=("seconds", "seconds")) -> Row:
+    for result in (ours, baseline):
+        if "error" in result:
+            reason = result["error"]
+            return Row(figure, reason if reason.startswith("skipped") else f"failed: {reason}", "-", "img/s")
+    return Row(figure, batch_size / ours[keys[0]], batch_size / baseline[keys[1]], "img/s", note=note())

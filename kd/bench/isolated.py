@@ -1,0 +1,138 @@
+"""Figures that need a process of their own: peak memory (so that the peaks of two modes never
+mix) and torch.compile (a time-bounded warm-up that may fail or hang without taking the
+benchmark down). Children are forked from a forkserver that has imported this module, and
+with it torch, timm, accelerate and kd: each starts like a fresh run, minus the imports' time."""
+
+import itertools
+import multiprocessing
+import threading
+import time
+import traceback
+from typing import Dict, Optional
+
+import torch
+
+from kd.bench.timing import (STUDENT, TEACHER, bare_step, create_model, keep_freed_memory, peak_rss_mb, random_batch, reset_peak_rss,
+                             time_steps)
+from kd.config import DistillConfig, TrainConfig
+from kd.data import DeviceLoader, Split, load_cifar
+from kd.distillers import FrozenTeacher, Supervised, build_distiller
+from kd.engine import TrainerState, make_optimizer, train_one_epoch
+from kd.models import CIFAR10_MEAN, CIFAR10_STD
+
+_CONTEXT = None
+
+
+def run_isolated(job: str, timeout_s: float, **kwargs) -> Dict:
+    """Run JOBS[job](**kwargs) in a fresh child; returns its dict, or {"error": reason}."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload([__name__])
+    receive, send = _CONTEXT.Pipe(duplex=False)
+    child = _CONTEXT.Process(target=_entry, args=(send, job, kwargs), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if receive.poll(timeout_s):
+            return receive.recv()
+        return {"error": f"no result within {timeout_s:.0f} s"}
+    except EOFError:  # the child died without a word
+        child.join(10)
+        return {"error": f"child exited with code {child.exitcode} (killed for memory?)"}
+    finally:
+        if child.is_alive():
+            child.terminate()  # the one child started above, by its pid
+        child.join(10)
+
+
+def _entry(send, job: str, kwargs: Dict) -> None:
+    from tqdm.auto import tqdm
+
+    # tqdm's default lock is a multiprocessing semaphore that a forked child never releases
+    # (it leaves by os._exit), so the resource tracker would warn about leaks at shutdown
+    tqdm.set_lock(threading.RLock())
+    torch.set_num_threads(kwargs.pop("threads"))
+    try:
+        result = JOBS[job](**kwargs)
+    except Exception as error:  # reported in the table as "failed: ...", never raised
+        result = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}",
+                  "traceback": traceback.format_exc()}
+    send.send(result)
+    send.close()
+
+
+class FirstBatches:
+    """The first `n` batches of a loader, as a loader (train_one_epoch needs len and iter)."""
+
+    def __init__(self, loader: DeviceLoader, n: int):
+        self.loader, self.n = loader, min(n, len(loader))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.n)
+
+
+def memory_job(kind: str, dataset: Optional[str], batch_size: int, steps: int, num_images: int, num_classes: int) -> Dict:
+    """Peak RSS of `steps` training steps. kind: "bare" (the bare loop on a random batch, no
+    data), "teacher" (our loop, Supervised, the real training split loaded by load_cifar),
+    "student" or a distillation mode (our loop, 8x4 student and 14x4 teacher, on a uint8 split
+    of the real one's size, so that the load's transient peak does not hide the step's)."""
+    from accelerate import Accelerator
+
+    after_imports = peak_rss_mb()
+    if kind == "bare":
+        step = bare_step(create_model(STUDENT), [random_batch(batch_size)])
+        for _ in range(steps):
+            step()
+        return {"peak_mb": peak_rss_mb(), "after_imports_mb": after_imports}
+    if kind == "teacher":
+        data = load_cifar(dataset, val_size=0)  # the whole training split, as a real run holds it
+        split, mean, std, num_classes = data.train, data.mean, data.std, data.num_classes
+    else:
+        split = Split(torch.full((num_images, 3, 32, 32), 128, dtype=torch.uint8), torch.arange(num_images) % num_classes)
+        mean, std = CIFAR10_MEAN, CIFAR10_STD
+    load_peak = peak_rss_mb()
+    can_reset = reset_peak_rss()
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    student = create_model(TEACHER if kind == "teacher" else STUDENT, num_classes)
+    if kind in ("student", "teacher"):
+        method = Supervised(student)
+    else:
+        method = build_distiller(kind, student, FrozenTeacher(create_model(TEACHER, num_classes, seed=1)), DistillConfig(mode=kind))
+    cfg = TrainConfig(batch_size=batch_size, epochs=1)
+    optimizer = make_optimizer(method, cfg)
+    method, optimizer = accelerator.prepare(method, optimizer)
+    loader = DeviceLoader(split, batch_size, accelerator.device, mean, std, train=True)
+    train_one_epoch(accelerator, method, optimizer, FirstBatches(loader, steps), cfg, TrainerState(), 10_000, 0)
+    train_peak = peak_rss_mb()
+    return {"peak_mb": max(load_peak, train_peak), "load_peak_mb": load_peak, "train_peak_mb": train_peak if can_reset else None,
+            "after_imports_mb": after_imports, "num_train": len(split)}
+
+
+def compile_job(batch_size: int, warmup: int, repeats: int) -> Dict:
+    """torch.compile (inductor) vs eager on the bare step, after the compile warm-up."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1  # no pool of compile workers on a 2-core machine
+    batch = [random_batch(batch_size)]
+    eager = bare_step(create_model(STUDENT), batch)
+    compiled = bare_step(torch.compile(create_model(STUDENT)), batch)
+    start = time.perf_counter()
+    compiled()  # the first call compiles forward and backward
+    warmup_s = time.perf_counter() - start
+    times = time_steps({"compiled": compiled, "eager": eager}, warmup, repeats)
+    return {**times, "compile_warmup_s": warmup_s}
+
+
+def malloc_job(batch_size: int, warmup: int, repeats: int, keep: bool) -> Dict:
+    """Seconds per bare step with glibc's default allocator settings or keep_freed_memory()."""
+    if keep and not keep_freed_memory():
+        raise RuntimeError("mallopt is not available (not glibc?)")
+    seconds = time_steps(bare_step(create_model(STUDENT), [random_batch(batch_size)]), warmup, repeats)
+    return {"seconds": seconds, "peak_mb": peak_rss_mb()}
+
+
+JOBS = {"memory": memory_job, "compile": compile_job, "malloc": malloc_job}

@@ -1,0 +1,133 @@
+"""What every figure shares: interleaved timing, the bare PyTorch training step used as the
+baseline, peak-memory readings, the machine's description and the table's rows."""
+
+import ctypes
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import kd  # noqa: F401  registers the cifar_* models in timm
+
+STUDENT, TEACHER = "cifar_resnet8x4", "cifar_resnet14x4"
+
+
+@dataclass
+class Row:
+    """One line of the table. `ratio` is ours / baseline (for times: lower is better)."""
+
+    figure: str
+    ours: Union[float, str]
+    baseline: Union[float, str]
+    unit: str
+    target: str = "-"  # "-", or a comparison such as ">= 0.95" that the ratio should meet
+    note: str = ""
+
+    @property
+    def ratio(self) -> Union[float, str]:
+        if isinstance(self.ours, str):
+            return self.ours  # "failed: ..." or "skipped: ..."
+        return self.ours / self.baseline if self.baseline else math.nan
+
+    @property
+    def met(self) -> Optional[bool]:
+        if self.target == "-" or isinstance(self.ratio, str):
+            return None
+        op, value = self.target.split()
+        compare = {">=": float.__ge__, "<=": float.__le__, "<": float.__lt__, ">": float.__gt__}[op]
+        return compare(float(self.ratio), float(value))
+
+    def to_dict(self) -> Dict:
+        return {"figure": self.figure, "ours": self.ours, "baseline": self.baseline, "unit": self.unit,
+                "ratio": self.ratio, "target": self.target, "met": self.met, "note": self.note}
+
+
+def time_steps(fns: Union[Callable[[], None], Dict[str, Callable[[], None]]], warmup: int = 1, repeats: int = 3):
+    """Median wall seconds per call. Given a dict of functions, runs them round-robin (warm-up
+    rounds first, untimed), so that a slow phase of a shared machine hits every one alike."""
+    named = fns if isinstance(fns, dict) else {"": fns}
+    samples = {name: [] for name in named}
+    for round_index in range(warmup + repeats):
+        for name, fn in named.items():
+            start = time.perf_counter()
+            fn()
+            if round_index >= warmup:
+                samples[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(times) for name, times in samples.items()}
+    return medians if isinstance(fns, dict) else medians[""]
+
+
+def bare_step(model: torch.nn.Module, batches: Sequence[Tuple[torch.Tensor, torch.Tensor]], bf16: bool = True) -> Callable[[], None]:
+    """The baseline: hand-written training steps (autocast forward, CE, backward, SGD step),
+    one per pre-made batch: no data loading, no augmentation, no framework."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    model.train()
+
+    def steps() -> None:
+        for images, labels in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(images).float(), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return steps
+
+
+def random_batch(batch_size: int, num_classes: int = 10, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, 3, 32, 32, generator=generator), torch.randint(0, num_classes, (batch_size,), generator=generator)
+
+
+def create_model(name: str, num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(name, num_classes=num_classes)
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (VmHWM), in MiB."""
+    return _status_kb("VmHWM") / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Lower the recorded peak to the current RSS (Linux: `echo 5 > /proc/self/clear_refs`)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse (no mmap for big blocks, no trimming), so that a
+    training step stops page-faulting its activations in afresh every time. Linux/glibc only."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from malloc.h
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def machine(threads: int) -> Dict:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        cpu = f"{names[0]} x{len(names)}" if names else cpu
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": threads, "torch": torch.__version__, "device": "cpu", "python": platform.python_version()}

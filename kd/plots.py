@@ -1,0 +1,65 @@
+"""Training curves of a run (history.jsonl) as one PNG: the loss terms, the validation
+metrics and the learning rate, per epoch."""
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+VAL_METRICS = ("val_accuracy", "val_f1_macro")  # the two numbers the kept weights are judged by
+Series = Tuple[List[int], List[float]]  # (epochs, values)
+
+
+def _series(history: Sequence[Dict], key: str) -> Series:
+    """The epochs where `key` was recorded and its values (a resumed or partial history may
+    lack a key in some epochs; those epochs are skipped, not drawn as zero)."""
+    points = [(record["epoch"], record[key]) for record in history if isinstance(record.get(key), (int, float))]
+    return [epoch for epoch, _ in points], [value for _, value in points]
+
+
+def curves(history: Sequence[Dict]) -> Dict[str, Dict[str, Series]]:
+    """What to draw, panel by panel: {panel title: {label: (epochs, values)}}; panels with
+    nothing to show are left out."""
+    loss_keys = sorted({key for record in history for key in record if key.startswith("loss")}, key=lambda k: (k == "loss", k))
+    panels = {
+        "loss": {key: _series(history, key) for key in loss_keys},
+        "validation": {key: _series(history, key) for key in VAL_METRICS},
+        "learning rate": {"lr": _series(history, "lr")},
+    }
+    return {title: {label: s for label, s in lines.items() if s[0]} for title, lines in panels.items()
+            if any(s[0] for s in lines.values())}
+
+
+def plot_history(history: Sequence[Dict], path) -> Path:
+    """Write the curves of `history` (one dict per epoch, as in history.jsonl) to `path` (PNG),
+    atomically: a reader never sees a half-written image."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+
+    panels = curves(history)
+    if not panels:
+        raise ValueError("history has no epoch with a loss, validation metric or lr to plot")
+    figure = Figure(figsize=(4.5 * len(panels), 3.6), layout="constrained")
+    for axes, (title, lines) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+        for label, (epochs, values) in lines.items():
+            style = "--" if label == "loss" else "-"  # the total, dashed, over the terms it sums
+            axes.plot(epochs, values, style, marker="o", markersize=3, label=label)  # markers: a 1-epoch run still shows a point
+        axes.set(title=title, xlabel="epoch")
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+    return save_png_atomic(figure, Path(path))
+
+
+def save_png_atomic(figure, path: Path) -> Path:
+    """Save a matplotlib figure as PNG: a temporary file in the same folder, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(handle)
+    try:
+        figure.savefig(tmp, format="png", dpi=110)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,87 @@
+"""The benchmark runs end to end (--quick, tiny data) and reports every figure; no timing asserts."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from kd.bench import timing
+from kd.distillers import DISTILLERS
+
+COMPILE_ROW = "torch.compile vs eager"
+EXPECTED_ROWS = [
+    "1 train step cifar_resnet8x4", "1 train step cifar_resnet14x4", "1 cifar_resnet8x4: crop+flip+normalize",
+    "2 input pipeline", "3 logits step vs student step + teacher forward", "3 hidden step (teacher stops at its tap) vs logits",
+    *[f"3 {mode} step vs plain student step" for mode in DISTILLERS],
+    "4 peak RSS cifar_resnet8x4 training: our loop", *[f"4 peak RSS {mode} vs plain student" for mode in DISTILLERS],
+    "4 peak RSS cifar_resnet14x4 on the full train split", "5 cifar_resnet8x4 channels_last", "5 cifar_resnet8x4 bf16 autocast vs fp32",
+    "5 cifar_resnet8x4 glibc malloc keeping freed memory", COMPILE_ROW,
+]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tiny_dataset, tmp_path_factory):
+    output = tmp_path_factory.mktemp("bench") / "bench.json"
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "kd.bench", "--quick", "--dataset", str(tiny_dataset), "--output", str(output)],
+                            capture_output=True, text=True, env=environment, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return result.stdout, json.loads(output.read_text())
+
+
+def _is_positive_number(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_quick_table_has_every_figure_with_positive_ratios(quick_run):
+    stdout, _ = quick_run
+    header, columns, rule, *lines = stdout.strip().splitlines()
+    assert header.startswith("machine: ") and "torch threads 1" in header and "device cpu" in header
+    assert [c.strip() for c in columns.split("|")] == ["figure", "ours", "baseline", "ratio", "target"]
+    cells = [[c.strip() for c in line.split("|")] for line in lines]
+    assert all(len(row) == 5 for row in cells)
+    for expected in EXPECTED_ROWS:
+        assert sum(row[0].startswith(expected) or expected in row[0] for row in cells) == 1, expected
+    for figure, ours, _, ratio, _ in cells:
+        if COMPILE_ROW in figure and ours.startswith(("skipped:", "failed:")):
+            continue
+        assert _is_positive_number(float(ratio)), (figure, ratio)
+
+
+def test_quick_json_matches_the_table(quick_run):
+    stdout, results = quick_run
+    assert results["machine"]["threads"] == 1 and results["settings"]["batch_size"] == 32
+    assert [row["figure"] for row in results["rows"]] == [line.split("|")[0].strip() for line in stdout.strip().splitlines()[3:]]
+    for row in results["rows"]:
+        if COMPILE_ROW in row["figure"]:
+            assert row["ratio"] == "skipped: --quick"  # --quick never waits for a compile
+            continue
+        assert _is_positive_number(row["ratio"]) and _is_positive_number(row["ours"]), row
+        assert row["met"] in (True, False, None)
+
+
+def test_time_steps_interleaves_and_excludes_warmup(monkeypatch):
+    clock, calls = [0.0], []
+
+    def advancing(name, seconds):
+        def fn():
+            calls.append(name)
+            clock[0] += seconds
+        return fn
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    medians = timing.time_steps({"a": advancing("a", 1.0), "b": advancing("b", 3.0)}, warmup=1, repeats=3)
+    assert medians == {"a": 1.0, "b": 3.0}
+    assert calls == ["a", "b"] * 4  # round-robin, warm-up round included
+    assert timing.time_steps(advancing("c", 2.0), warmup=0, repeats=1) == 2.0
+
+
+def test_row_ratio_and_target():
+    assert timing.Row("x", 96.0, 100.0, "img/s", ">= 0.95").met is True
+    assert timing.Row("x", 120.0, 100.0, "ms", "<= 1.10").met is False
+    failed = timing.Row("x", "failed: boom", "-", "img/s", ">= 1")
+    assert failed.ratio == "failed: boom" and failed.met is None
