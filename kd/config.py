@@ -56,6 +56,7 @@ class RunArgs:
     overwrite: bool = _opt(False, "replace a run folder that already holds a run")
     mixed_precision: Optional[str] = _opt(None, "no|bf16|fp16 (default: accelerate's config, else bf16 where supported)", choices=("no", "bf16", "fp16"))
     channels_last: bool = _opt(False, "channels_last memory format")
+    sync_bn: bool = _opt(False, "SyncBatchNorm across processes (CUDA only; elsewhere BatchNorm stays per process)")
     compile: bool = _opt(False, "torch.compile the model")
     report_to: str = _opt("wandb", "experiment tracker", choices=("wandb", "tensorboard", "all", "none"))
     project: str = _opt("kd", "tracker project")

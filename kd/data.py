@@ -248,20 +248,21 @@ class DeviceLoader:
         all processes; a process with a short last slice pads with index -1 so that all
         processes yield tensors of one shape for gathering."""
         n = len(self.labels)
+        order = torch.arange(n, device=self.device)
         if self.train:
+            # the epoch's order and every image's crop and flip, drawn once from (seed, epoch): the
+            # same whatever the number of processes, the accumulation steps or the batch size
             generator = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(n, generator=generator, device=self.device)
-        else:
-            generator, order = None, torch.arange(n, device=self.device)
+            dy, dx, flip = random_crop_flip(n, generator)
         for step in range(len(self)):
-            index = order[step * self.global_batch_size : (step + 1) * self.global_batch_size]
+            positions = torch.arange(step * self.global_batch_size, min(n, (step + 1) * self.global_batch_size), device=self.device)
             if self.train:
-                # draw for the whole global batch so every process advances the generator alike
-                dy, dx, flip = random_crop_flip(len(index), generator)
-                mine = self._my_slice(torch.arange(len(index), device=self.device))
-                images = augment(self.images[index[mine]], dy[mine], dx[mine], flip[mine])
-                yield self.normalize(images), self.labels[index[mine]], index[mine]
+                mine = self._my_slice(positions)
+                images = augment(self.images[order[mine]], dy[mine], dx[mine], flip[mine])
+                yield self.normalize(images), self.labels[order[mine]], order[mine]
                 continue
+            index = order[positions]
             mine = self._my_slice(index)
             per_process = -(-len(index) // self.num_processes)
             padding = per_process - len(mine)

@@ -82,7 +82,8 @@ def train_one_epoch(accelerator: Accelerator, model, optimizer, loader: DeviceLo
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.3g}", img_s=f"{images_seen / elapsed:.0f}")
             bar.update(micro_step + 1 - bar.n)
     bar.close()
-    means = {name: float(total) / micro_steps for name, total in sums.items()}
+    # one collective per epoch: the logged losses are means over all processes' images
+    means = {name: float(accelerator.reduce(total, reduction="mean")) / micro_steps for name, total in sums.items()}
     first_bad_step = accelerator.gather(first_bad_step[None]).max()  # every process stops together
     if int(first_bad_step) >= 0 or not all(map(math.isfinite, means.values())):
         terms_text = ", ".join(f"{k}={v:.4g}" for k, v in means.items())

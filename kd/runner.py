@@ -160,6 +160,11 @@ def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: Train
     train_loader, val_loader, test_loader = loaders(data, cfg, run, accelerator)
     if run.channels_last:
         method = method.to(memory_format=torch.channels_last)
+    if run.sync_bn and accelerator.num_processes > 1:
+        if accelerator.device.type == "cuda":
+            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        else:
+            accelerator.print("--sync-bn: SyncBatchNorm needs CUDA; BatchNorm statistics stay per process")
     optimizer = engine.make_optimizer(method, cfg)
     method, optimizer = accelerator.prepare(method, optimizer)
     state = checkpoint.load(accelerator, out / CHECKPOINT) if run.resume else engine.TrainerState()

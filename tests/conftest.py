@@ -67,6 +67,14 @@ def real_cifar10() -> Path:
     return REAL_CIFAR10
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 TINY_FLAGS = ["--epochs", "2", "--batch-size", "32", "--val-size", "32", "--report-to", "none", "--lr", "0.05"]
 
 
@@ -80,7 +88,7 @@ def run_script(script: str, *args, processes: int = 1, check: bool = True, env=N
         environment["ACCELERATE_USE_CPU"] = "1"
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                    "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
-                   "--main_process_port", str(29500 + os.getpid() % 1000), str(REPO / script), *map(str, args)]
+                   "--main_process_port", str(free_port()), str(REPO / script), *map(str, args)]
     result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}")

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import torch
 
-from kd.bench.isolated import run_isolated
+from kd.bench.isolated import StepProcess, run_isolated
 from kd.bench.timing import STUDENT, TEACHER, Row, bare_step, create_model, random_batch, time_steps
 from kd.config import DistillConfig, TrainConfig
 from kd.data import IMAGE_COLUMNS, CifarData, DeviceLoader
@@ -158,37 +158,50 @@ def memory(data: CifarData, s: Settings) -> List[Row]:
 
 def speed_options(s: Settings, seconds_left: float) -> List[Row]:
     """Figure 5: channels_last, bf16, glibc's allocator and torch.compile, each against the
-    default bare step. The last two need fresh processes; compile gets what is left of the
-    time budget."""
+    default bare step (bf16, NCHW, eager). torch.compile gets what is left of the time budget."""
+    start = time.perf_counter()
+    rows = [*_layout_and_precision(s), _allocator(s)]
+    return rows + [_compiled(s, seconds_left - (time.perf_counter() - start))]
+
+
+def _layout_and_precision(s: Settings) -> List[Row]:
     batch = [random_batch(s.batch_size)]
     model = create_model(STUDENT)
     channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
     batch_cl = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batch]
     variants = {"default": bare_step(model, batch), "channels_last": bare_step(channels_last, batch_cl),
                 "fp32": bare_step(copy.deepcopy(model), batch, bf16=False)}
-    start = time.perf_counter()
-    times = time_steps(variants, s.warmup, s.repeats)
-    per_s = {name: s.batch_size / t for name, t in times.items()}
-    rows = [Row(f"5 {STUDENT} channels_last vs default (bf16), img/s", per_s["channels_last"], per_s["default"], "img/s"),
+    per_s = {name: s.batch_size / t for name, t in time_steps(variants, s.warmup, s.repeats).items()}
+    return [Row(f"5 {STUDENT} channels_last vs default (bf16), img/s", per_s["channels_last"], per_s["default"], "img/s"),
             Row(f"5 {STUDENT} bf16 autocast vs fp32, img/s", per_s["default"], per_s["fp32"], "img/s", "> 1")]
-    job = dict(threads=s.threads, batch_size=s.batch_size, warmup=s.warmup, repeats=s.repeats)
-    default, kept = (run_isolated("malloc", 120, keep=keep, **job) for keep in (False, True))
-    rows.append(_isolated_row(f"5 {STUDENT} glibc malloc keeping freed memory vs default, img/s", kept, default, s.batch_size,
-                              lambda: f"fresh processes one after the other; peak RSS {kept['peak_mb']:.0f} vs {default['peak_mb']:.0f} MiB"))
-    seconds_left -= time.perf_counter() - start
+
+
+def _allocator(s: Settings) -> Row:
+    """glibc keeping freed memory (timing.keep_freed_memory) vs its defaults: two fresh
+    children, their steps interleaved."""
+    figure = f"5 {STUDENT} glibc malloc keeping freed memory vs default, img/s"
+    children = {}
+    try:
+        for keep in (True, False):
+            children[keep] = StepProcess(s.threads, s.batch_size, keep_freed_memory=keep)
+        times = time_steps({"kept": children[True], "default": children[False]}, s.warmup, s.repeats)
+        peaks = {keep: child.close()["peak_mb"] for keep, child in children.items()}
+    except (RuntimeError, TimeoutError, EOFError, OSError) as error:
+        for child in children.values():
+            child.process.terminate()  # the children started above, by their pids
+        return Row(figure, f"failed: {error}", "-", "img/s")
+    return Row(figure, s.batch_size / times["kept"], s.batch_size / times["default"], "img/s",
+               note=f"two fresh processes, steps interleaved; peak RSS {peaks[True]:.0f} vs {peaks[False]:.0f} MiB")
+
+
+def _compiled(s: Settings, seconds_left: float) -> Row:
+    figure = f"5 {STUDENT} torch.compile vs eager (bf16), img/s"
     if not s.measure_compile:
-        compiled = {"error": "skipped: --quick"}
-    elif seconds_left < 60:
-        compiled = {"error": f"skipped: {max(seconds_left, 0):.0f} s left of the time budget"}
-    else:
-        compiled = run_isolated("compile", seconds_left, **job)
-    return rows + [_isolated_row(f"5 {STUDENT} torch.compile vs eager (bf16), img/s", compiled, compiled, s.batch_size,
-                                 lambda: f"after a compile warm-up of {compiled['compile_warmup_s']:.0f} s", ("compiled", "eager"))]
-
-
-def _isolated_row(figure: str, ours: dict, baseline: dict, batch_size: int, note, keys=("seconds", "seconds")) -> Row:
-    for result in (ours, baseline):
-        if "error" in result:
-            reason = result["error"]
-            return Row(figure, reason if reason.startswith("skipped") else f"failed: {reason}", "-", "img/s")
-    return Row(figure, batch_size / ours[keys[0]], batch_size / baseline[keys[1]], "img/s", note=note())
+        return Row(figure, "skipped: --quick", "-", "img/s")
+    if seconds_left < 60:
+        return Row(figure, f"skipped: {max(seconds_left, 0):.0f} s left of the time budget", "-", "img/s")
+    result = run_isolated("compile", seconds_left, threads=s.threads, batch_size=s.batch_size, warmup=s.warmup, repeats=s.repeats)
+    if "error" in result:
+        return Row(figure, f"failed: {result['error']}", "-", "img/s")
+    return Row(figure, s.batch_size / result["compiled"], s.batch_size / result["eager"], "img/s",
+               note=f"fresh process; after a compile warm-up of {result['compile_warmup_s']:.0f} s")

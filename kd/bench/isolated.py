@@ -20,17 +20,18 @@ from kd.distillers import FrozenTeacher, Supervised, build_distiller
 from kd.engine import TrainerState, make_optimizer, train_one_epoch
 from kd.models import CIFAR10_MEAN, CIFAR10_STD
 
-_CONTEXT = None
+
+
+def _context():
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # takes effect when the server starts, once
+    return context
 
 
 def run_isolated(job: str, timeout_s: float, **kwargs) -> Dict:
     """Run JOBS[job](**kwargs) in a fresh child; returns its dict, or {"error": reason}."""
-    global _CONTEXT
-    if _CONTEXT is None:
-        _CONTEXT = multiprocessing.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload([__name__])
-    receive, send = _CONTEXT.Pipe(duplex=False)
-    child = _CONTEXT.Process(target=_entry, args=(send, job, kwargs), daemon=True)
+    receive, send = _context().Pipe(duplex=False)
+    child = _context().Process(target=_entry, args=(send, job, kwargs), daemon=True)
     child.start()
     send.close()
     try:
@@ -127,12 +128,56 @@ def compile_job(batch_size: int, warmup: int, repeats: int) -> Dict:
     return {**times, "compile_warmup_s": warmup_s}
 
 
-def malloc_job(batch_size: int, warmup: int, repeats: int, keep: bool) -> Dict:
-    """Seconds per bare step with glibc's default allocator settings or keep_freed_memory()."""
-    if keep and not keep_freed_memory():
-        raise RuntimeError("mallopt is not available (not glibc?)")
-    seconds = time_steps(bare_step(create_model(STUDENT), [random_batch(batch_size)]), warmup, repeats)
-    return {"seconds": seconds, "peak_mb": peak_rss_mb()}
+class StepProcess:
+    """A fresh child holding one bare training step of the student, run each time this object
+    is called: two children with different process-wide settings (the allocator's) can then be
+    timed round-robin by time_steps, just as two functions of one process are."""
+
+    def __init__(self, threads: int, batch_size: int, keep_freed_memory: bool, timeout_s: float = 120):
+        self.connection, child_end = _context().Pipe()
+        self.timeout_s = timeout_s
+        self.process = _context().Process(target=_serve_steps, args=(child_end, threads, batch_size, keep_freed_memory), daemon=True)
+        self.process.start()
+        child_end.close()
+        self._receive()  # ready, or the child's error
+
+    def _receive(self):
+        if not self.connection.poll(self.timeout_s):
+            raise TimeoutError(f"no answer within {self.timeout_s:.0f} s")
+        answer = self.connection.recv()
+        if isinstance(answer, dict) and "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer
+
+    def __call__(self) -> None:
+        self.connection.send("step")
+        self._receive()
+
+    def close(self) -> Dict:
+        """Stops the child; returns its peak RSS."""
+        try:
+            self.connection.send("stop")
+            return self._receive()
+        finally:
+            self.process.join(10)
+            if self.process.is_alive():
+                self.process.terminate()  # the one child started above, by its pid
 
 
-JOBS = {"memory": memory_job, "compile": compile_job, "malloc": malloc_job}
+def _serve_steps(connection, threads: int, batch_size: int, keep: bool) -> None:
+    torch.set_num_threads(threads)
+    try:
+        if keep and not keep_freed_memory():
+            raise RuntimeError("mallopt is not available (not glibc?)")
+        step = bare_step(create_model(STUDENT), [random_batch(batch_size)])
+    except Exception as error:  # reported by the parent as "failed: ..."
+        connection.send({"error": f"{type(error).__name__}: {error}"})
+        return
+    connection.send("ready")
+    while connection.recv() == "step":
+        step()
+        connection.send("done")
+    connection.send({"peak_mb": peak_rss_mb()})
+
+
+JOBS = {"memory": memory_job, "compile": compile_job}
