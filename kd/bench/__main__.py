@@ -17,6 +17,7 @@ import torch
 from kd.bench import figures
 from kd.bench.timing import Row, machine
 from kd.data import DEFAULT_DATASET, load_cifar
+from kd.errors import main_guard
 from kd.export import write_json_atomic
 
 COLUMNS = ("figure", "ours", "baseline", "ratio", "target")
@@ -50,6 +51,7 @@ def render(rows: List[Row], header: str) -> str:
     return "\n".join([header, *lines])
 
 
+@main_guard
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kd.bench", description=__doc__.split("\n\n")[1])
     parser.add_argument("--dataset", default=DEFAULT_DATASET, help=f"Hub id or local folder (default: $KD_DATASET or {DEFAULT_DATASET})")
