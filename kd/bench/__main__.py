@@ -1,11 +1,11 @@
 """python -m kd.bench [--dataset PATH] [--threads N] [--quick] [--output FILE.json]
 
 Prints one table (figure | ours | baseline | ratio | target) under a line naming the machine;
---output also writes the rows, settings and machine as JSON. About 5 minutes on 2 CPU cores;
+--output also writes the rows, settings and machine as JSON. About 3 minutes on 2 CPU cores
+(never more than 5: torch.compile gets what is left of the budget, or is skipped);
 --quick (small batches, one timed round, no torch.compile) about 30 s, as a smoke test."""
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -44,7 +44,10 @@ def render(rows: List[Row], header: str) -> str:
     def target(row: Row) -> str:
         return row.target if row.met is None else f"{row.target} {'ok' if row.met else 'MISSED'}"
 
-    cells = [COLUMNS] + [(r.figure, _cell(r.ours, r.unit), _cell(r.baseline, r.unit), "-" if isinstance(r.ratio, str) else _cell(r.ratio), target(r)) for r in rows]
+    def ratio(row: Row) -> str:
+        return "-" if isinstance(row.ratio, str) else _cell(row.ratio)  # a failure's reason is in "ours"
+
+    cells = [COLUMNS] + [(r.figure, _cell(r.ours, r.unit), _cell(r.baseline, r.unit), ratio(r), target(r)) for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))

@@ -1,6 +1,6 @@
 """Figures that need a process of their own: peak memory (so that the peaks of two modes never
-mix) and torch.compile (a time-bounded warm-up that may fail or hang without taking the
-benchmark down). Children are forked from a forkserver that has imported this module, and
+mix), glibc's allocator settings (process-wide) and torch.compile (a time-bounded warm-up that
+may fail or hang without taking the benchmark down). Children are forked from a forkserver that has imported this module, and
 with it torch, timm, accelerate and kd: each starts like a fresh run, minus the imports' time."""
 
 import itertools
@@ -19,7 +19,6 @@ from kd.data import DeviceLoader, Split, load_cifar
 from kd.distillers import FrozenTeacher, Supervised, build_distiller
 from kd.engine import TrainerState, make_optimizer, train_one_epoch
 from kd.models import CIFAR10_MEAN, CIFAR10_STD
-
 
 
 def _context():
@@ -57,8 +56,8 @@ def _entry(send, job: str, kwargs: Dict) -> None:
     try:
         result = JOBS[job](**kwargs)
     except Exception as error:  # reported in the table as "failed: ...", never raised
-        result = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}",
-                  "traceback": traceback.format_exc()}
+        traceback.print_exc()  # the whole story on stderr; the table gets one line
+        result = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"}
     send.send(result)
     send.close()
 

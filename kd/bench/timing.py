@@ -32,8 +32,9 @@ class Row:
 
     @property
     def ratio(self) -> Union[float, str]:
-        if isinstance(self.ours, str):
-            return self.ours  # "failed: ..." or "skipped: ..."
+        for value in (self.ours, self.baseline):
+            if isinstance(value, str):
+                return value  # "failed: ..." or "skipped: ..."
         return self.ours / self.baseline if self.baseline else math.nan
 
     @property
