@@ -81,7 +81,7 @@ def _add_fields(group, cls, defaults: dict, skip=()) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = defaults.get(f.name, f.default)
         meta = dict(f.metadata)
-        help_text = meta.pop("help") + (f" (default: {default})" if default not in (None, False, ()) else "")
+        help_text = meta.pop("help") + (f" (default: {default})" if not (default is None or default is False or default == ()) else "")
         if f.type is bool or isinstance(f.default, bool):
             group.add_argument(flag, action="store_true", default=default, help=help_text)
             continue
