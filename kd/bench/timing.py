@@ -1,7 +1,6 @@
 """What every figure shares: interleaved timing, the bare PyTorch training step used as the
 baseline, peak-memory readings, the machine's description and the table's rows."""
 
-import ctypes
 import math
 import platform
 import statistics
@@ -111,17 +110,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse (no mmap for big blocks, no trimming), so that a
-    training step stops page-faulting its activations in afresh every time. Linux/glibc only."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from malloc.h
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def machine(threads: int) -> Dict:

@@ -15,7 +15,8 @@ STAGES = ("layer1", "layer2", "layer3")
 
 def attention_map(features: torch.Tensor) -> torch.Tensor:
     """Per image, the channel mean of the squared activations, flattened and L2-normalised."""
-    return F.normalize(features.float().pow(2).mean(1).flatten(1), dim=1)
+    # the mean accumulates in fp32 without an fp32 copy of the whole feature map
+    return F.normalize((features * features).mean(1, dtype=torch.float32).flatten(1), dim=1)
 
 
 def at_loss(student_maps, teacher_maps, beta: float) -> torch.Tensor:
