@@ -32,7 +32,8 @@ def save(accelerator: Accelerator, method, state: TrainerState, folder: Path, ke
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # collective: every process writes its RNG state
+    accelerator.save_state(str(tmp))  # every process writes its RNG state there...
+    accelerator.wait_for_everyone()  # ...and save_state has no barrier at its end: wait before the rename
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(method)
         if keep_current:
