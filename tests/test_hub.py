@@ -186,3 +186,21 @@ def test_push_without_token_says_how_to_log_in(run_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # no stored `hf auth login`
     with pytest.raises(RunError, match=r"no Hugging Face token .*hf auth login.*python -m kd.hub push"):
         push_run(run_dir, "someone/model")
+
+
+def test_training_with_push_to_hub_offline_saves_everything_then_fails_in_one_line(tiny_dataset, tmp_path):
+    """--push-to-hub while the Hub is unreachable: the run is complete on disk, the push fails
+    last with one line that says how to retry, and the exit code is 1."""
+    from conftest import TINY_FLAGS
+
+    out = tmp_path / "run"
+    env = {k: v for k, v in hub_env(f"http://127.0.0.1:{closed_port()}").items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, str(REPO / "train_student.py"), "--dataset", str(tiny_dataset), "--model", "cifar_resnet8",
+                             "--output-dir", str(out), *TINY_FLAGS, "--push-to-hub", "someone/model"],
+                            capture_output=True, text=True, env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=600)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].endswith(f"retry with: python -m kd.hub push {out} --repo-id someone/model")
+    for name in ("metrics.json", "model.safetensors", "config.json", "README.md", "curves.png", "history.jsonl"):
+        assert (out / name).is_file(), name
+    assert "hf-hub:someone/model" in (out / "README.md").read_text()
