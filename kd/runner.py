@@ -139,11 +139,7 @@ def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Opt
     with accelerator.main_process_first():  # the main process decodes and caches; the others read the cache
         data = load_cifar(run.dataset, cfg.val_size, cfg.max_train_samples, cfg.max_eval_samples)
     method = make_method(create_student(cfg, data.num_classes), data, accelerator)
-    resolved = {"train": dataclasses.asdict(cfg), "distill": dataclasses.asdict(distill) if distill else None,
-                "run": dataclasses.asdict(run), **(extra or {}), "data": {"num_train": len(data.train),
-                "num_val": len(data.val) if data.val else 0, "num_test": len(data.test), "class_names": data.class_names,
-                "mean": data.mean, "std": data.std}, "num_processes": accelerator.num_processes,
-                "mixed_precision": accelerator.mixed_precision, **provenance()}
+    resolved = resolved_config(cfg, distill, run, extra or {}, data, accelerator)
     if run.resume:
         check_resumable(out, resolved)
     accelerator.wait_for_everyone()  # every process has checked the folder before anything is written
@@ -159,6 +155,21 @@ def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Opt
     if run.push_to_hub and accelerator.is_main_process:  # last: everything is saved before any push
         accelerator.print(f"pushed to {push_run(out, run.push_to_hub, private=run.hub_private)}")
     return metrics
+
+
+def resolved_config(cfg: TrainConfig, distill, run: RunArgs, extra: Dict, data: CifarData, accelerator: Accelerator) -> Dict:
+    """What run_config.json records: every setting, the data, the hardware and the provenance."""
+    sizes = {"num_train": len(data.train), "num_val": len(data.val) if data.val else 0, "num_test": len(data.test)}
+    return {
+        "train": dataclasses.asdict(cfg),
+        "distill": dataclasses.asdict(distill) if distill else None,
+        "run": dataclasses.asdict(run),
+        **extra,
+        "data": {**sizes, "class_names": data.class_names, "mean": data.mean, "std": data.std},
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        **provenance(),
+    }
 
 
 def check_resumable(out: Path, resolved: Dict) -> None:
