@@ -172,8 +172,6 @@ runner.run(cfg, run, lambda student, data, accelerator: GoesNaN(student))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path):
-    from kd.errors import main_guard  # noqa: F401  (the script below runs under the same guard)
-
     script = tmp_path / "nan.py"
     script.write_text("from kd.errors import main_guard\n" + NAN_SCRIPT.replace("runner.run(", "main_guard(runner.run)("))
     result = subprocess.run([sys.executable, str(script), str(tiny_dataset), str(tmp_path / "run")], capture_output=True, text=True,
