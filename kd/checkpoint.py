@@ -8,7 +8,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 

@@ -5,7 +5,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from accelerate import Accelerator

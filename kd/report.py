@@ -7,16 +7,15 @@ Rows are keyed by method, model and every train/distill setting except the seed;
 that differ between runs of one method and model are written into the row's label (T=2)."""
 
 import json
-import os
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from kd.config import Parser  # argparse with one-line errors, like the training scripts
 from kd.errors import UsageError, main_guard
+from kd.plots import save_png_atomic
 from kd.export import write_text_atomic
 
 METRICS = (("accuracy", "accuracy"), ("f1_macro", "F1 macro"), ("precision_macro", "precision macro"), ("recall_macro", "recall macro"))
@@ -204,16 +203,8 @@ def draw_chart(rows: Sequence[Row], path: Path, split: str = "test") -> None:
     ax.legend(loc="best")
     ax.set_title("mean ± std over seeds", fontsize=9)
     fig.tight_layout()
-    _save_figure_atomic(fig, path)
+    save_png_atomic(fig, path)
     plt.close(fig)
-
-
-def _save_figure_atomic(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as handle:
-        fig.savefig(handle, format="png", dpi=120)
-    os.chmod(handle.name, 0o644)  # NamedTemporaryFile makes 0600 files
-    os.replace(handle.name, path)
 
 
 def build_parser() -> Parser:
