@@ -54,7 +54,7 @@ class RunArgs:
     output_dir: str = _opt("outputs/run", "run folder")
     resume: bool = _opt(False, "continue from the run folder's last saved state")
     overwrite: bool = _opt(False, "replace a run folder that already holds a run")
-    mixed_precision: Optional[str] = _opt(None, "no|bf16|fp16 (default: accelerate's config, else bf16 where supported)", choices=("no", "bf16", "fp16"))
+    mixed_precision: Optional[str] = _opt(None, "no (fp32)|bf16|fp16 (default: what accelerate launch was given, else the device's native reduced precision: bf16 on Ampere+ GPUs and CPUs with AVX512-BF16/AMX, fp16 on Volta/Turing, else fp32)", choices=("no", "bf16", "fp16"))
     channels_last: bool = _opt(True, "channels_last memory format (1.4x faster on the benchmark's CPU; --no-channels-last to turn off)")
     sync_bn: bool = _opt(False, "SyncBatchNorm across processes (CUDA only; elsewhere BatchNorm stays per process)")
     compile: bool = _opt(False, "torch.compile the model")

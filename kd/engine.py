@@ -118,7 +118,15 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: DeviceLoa
     return classification_report(predictions[real].cpu().numpy(), references[real].cpu().numpy(), class_names)
 
 
-def summary_line(record: Dict) -> str:
+def format_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, minutes = seconds // 3600, seconds % 3600 // 60
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds % 60:02d}s" if minutes else f"{seconds}s"
+
+
+def summary_line(record: Dict, remaining_s: float) -> str:
+    """The epoch's line; `remaining_s`: the estimated time to the end of the run."""
     terms = " ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith("loss"))
     val = f" val_acc={record['val_accuracy']:.4f} val_f1={record['val_f1_macro']:.4f}" if "val_accuracy" in record else ""
-    return f"epoch {record['epoch']}: {terms} lr={record['lr']:.4g} {record['images_per_s']:.0f} img/s{val}"
+    left = f" | {format_duration(remaining_s)} left" if remaining_s > 0 else ""
+    return f"epoch {record['epoch']}: {terms} lr={record['lr']:.4g} {record['images_per_s']:.0f} img/s{val}{left}"

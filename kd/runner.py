@@ -1,7 +1,6 @@
 """A training run from start to finish: the run folder, the accelerator, the data, the epochs
 with checkpoints, the kept weights, the final metrics. Every script goes through `run`."""
 
-import ctypes
 import dataclasses
 import json
 import os
@@ -9,6 +8,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from kd import checkpoint, engine, tracking
+from kd import checkpoint, device, engine, tracking
 from kd.config import DistillConfig, RunArgs, TrainConfig
 from kd.data import CifarData, DeviceLoader, load_cifar
 from kd.distillers import Distiller
@@ -32,29 +32,6 @@ RUN_FILES = ("config.json", "model.safetensors", "metrics.json", "run_config.jso
 
 # builds the method to train from (student, data, accelerator); returns it and facts for run_config.json
 MethodFactory = Callable[[torch.nn.Module, CifarData, Accelerator], Distiller]
-
-
-def default_mixed_precision() -> str:
-    """accelerate's config (ACCELERATE_MIXED_PRECISION, set by `accelerate launch`), else bf16
-    where the hardware has it (CPUs and Ampere+ GPUs), else fp32."""
-    configured = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if configured:
-        return configured
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16"
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse (no mmap for big blocks, no trimming), so that a
-    CPU training step stops page-faulting its activations in afresh every step: 1.5x faster
-    on the benchmark's CPU for ~200 MiB more peak RSS. Linux/glibc only; elsewhere a no-op."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from malloc.h
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def check_output_dir(run: RunArgs) -> None:
@@ -89,9 +66,9 @@ def provenance() -> Dict:
     return {"git_commit": commit or None, "versions": versions, "command": " ".join(sys.argv)}
 
 
-def make_accelerator(cfg: TrainConfig, run: RunArgs, trackers) -> Accelerator:
+def make_accelerator(cfg: TrainConfig, run: RunArgs, trackers, precision: device.Precision) -> Accelerator:
     accelerator = Accelerator(
-        mixed_precision=run.mixed_precision or default_mixed_precision(),
+        mixed_precision=precision.mode,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=trackers or None,
         project_dir=run.output_dir,
@@ -100,8 +77,7 @@ def make_accelerator(cfg: TrainConfig, run: RunArgs, trackers) -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise UsageError(f"{launched} processes were launched but accelerate runs {accelerator.num_processes}; on CPU set ACCELERATE_USE_CPU=1")
-    if accelerator.device.type == "cpu":
-        keep_freed_memory()
+    device.tune_for(accelerator.device)
     per_step = accelerator.num_processes * cfg.grad_accum
     if cfg.batch_size % per_step:
         raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by {accelerator.num_processes} processes x {cfg.grad_accum} accumulation steps")
@@ -133,13 +109,15 @@ def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Opt
     check_output_dir(run)
     check_model_name(cfg.model)
     out = Path(run.output_dir)
-    trackers = tracking.resolve_trackers(run.report_to, announce=lambda m: print(m, file=sys.stderr) if os.environ.get("RANK", "0") == "0" else None)
-    accelerator = make_accelerator(cfg, run, trackers)
+    announce = lambda m: print(m, file=sys.stderr, flush=True) if os.environ.get("RANK", "0") == "0" else None  # noqa: E731  before accelerate starts
+    trackers = tracking.resolve_trackers(run.report_to, announce=announce)
+    precision = device.choose_precision(run.mixed_precision, warn=announce)
+    accelerator = make_accelerator(cfg, run, trackers, precision)
     set_seed(cfg.seed)
     with accelerator.main_process_first():  # the main process decodes and caches; the others read the cache
         data = load_cifar(run.dataset, cfg.val_size, cfg.max_train_samples, cfg.max_eval_samples)
     method = make_method(create_student(cfg, data.num_classes), data, accelerator)
-    resolved = resolved_config(cfg, distill, run, extra or {}, data, accelerator)
+    resolved = resolved_config(cfg, distill, run, extra or {}, data, accelerator, precision)
     if run.resume:
         check_resumable(out, resolved)
     accelerator.wait_for_everyone()  # every process has checked the folder before anything is written
@@ -149,7 +127,7 @@ def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Opt
         write_json_atomic(out / "run_config.json", resolved)
     accelerator.init_trackers(run.project, config=tracking.flat_config(resolved),
                               init_kwargs=tracking.init_kwargs(out, run.run_name or out.name, run.tags))
-    metrics = fit(accelerator, method, data, cfg, run)
+    metrics = fit(accelerator, method, data, cfg, run, precision)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if run.push_to_hub and accelerator.is_main_process:  # last: everything is saved before any push
@@ -157,7 +135,8 @@ def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Opt
     return metrics
 
 
-def resolved_config(cfg: TrainConfig, distill, run: RunArgs, extra: Dict, data: CifarData, accelerator: Accelerator) -> Dict:
+def resolved_config(cfg: TrainConfig, distill, run: RunArgs, extra: Dict, data: CifarData, accelerator: Accelerator,
+                    precision: device.Precision) -> Dict:
     """What run_config.json records: every setting, the data, the hardware and the provenance."""
     sizes = {"num_train": len(data.train), "num_val": len(data.val) if data.val else 0, "num_test": len(data.test)}
     return {
@@ -168,6 +147,8 @@ def resolved_config(cfg: TrainConfig, distill, run: RunArgs, extra: Dict, data: 
         "data": {**sizes, "class_names": data.class_names, "mean": data.mean, "std": data.std},
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
+        "precision_reason": precision.reason,
+        "device": device.describe(accelerator.device, device.detect_hardware(accelerator.device.type == "cpu")),
         **provenance(),
     }
 
@@ -181,7 +162,18 @@ def check_resumable(out: Path, resolved: Dict) -> None:
                 raise UsageError(f"--resume: {key} was {before!r} in this run, now {value!r}; resume with the run's settings or start a new --output-dir")
 
 
-def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: TrainConfig, run: RunArgs) -> Dict:
+def startup_line(accelerator: Accelerator, precision: device.Precision, cfg: TrainConfig, steps_per_epoch: int) -> str:
+    """Where and how the run trains, in one line: device, processes, precision and why, batch, steps."""
+    hardware = device.detect_hardware(accelerator.device.type == "cpu")
+    processes = accelerator.num_processes
+    per_process = cfg.batch_size // (processes * cfg.grad_accum)
+    accumulation = f" x {cfg.grad_accum} accumulation steps" if cfg.grad_accum > 1 else ""
+    return (f"start: {device.describe(accelerator.device, hardware)} | {processes} process{'es' if processes > 1 else ''} | "
+            f"precision {precision.label} ({precision.reason}) | batch {cfg.batch_size} global, {per_process} per process{accumulation} | "
+            f"{steps_per_epoch} steps per epoch, {cfg.epochs} epochs")
+
+
+def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: TrainConfig, run: RunArgs, precision: device.Precision) -> Dict:
     out = Path(run.output_dir)
     train_loader, val_loader, test_loader = loaders(data, cfg, run, accelerator)
     if run.channels_last:
@@ -199,7 +191,10 @@ def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: Train
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     student = lambda: accelerator.unwrap_model(method).student  # noqa: E731
+    accelerator.print(startup_line(accelerator, precision, cfg, steps_per_epoch))
+    epoch_seconds = []  # wall time of each epoch of this process, evaluation and checkpoint included
     while state.epoch < cfg.epochs:
+        epoch_start = time.perf_counter()
         train_loader.set_epoch(state.epoch)
         record = engine.train_one_epoch(accelerator, method, optimizer, train_loader, cfg, state, total_steps, warmup_steps)
         state.epoch += 1
@@ -216,7 +211,9 @@ def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: Train
         if accelerator.is_main_process:
             write_text_atomic(out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
         accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=state.epoch)
-        accelerator.print(engine.summary_line(record))
+        epoch_seconds.append(time.perf_counter() - epoch_start)
+        remaining_s = sum(epoch_seconds) / len(epoch_seconds) * (cfg.epochs - state.epoch)
+        accelerator.print(engine.summary_line(record, remaining_s))
     return finish(accelerator, student(), data, state, run, val_loader, test_loader)
 
 

@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from kd.data import DeviceLoader, load_cifar
 from kd.engine import evaluate
 run = sys.argv[1]
-accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+accelerator = Accelerator(cpu=True, mixed_precision="no")
 model = timm.create_model("local-dir:" + run, pretrained=True)
 data = load_cifar(sys.argv[2], val_size=32, max_eval_samples=61)
 loader = DeviceLoader(data.test, 32, accelerator.device, model.pretrained_cfg["mean"], model.pretrained_cfg["std"], train=False)
