@@ -39,24 +39,38 @@ def _is_positive_number(value) -> bool:
     return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
-def test_quick_table_has_every_figure_with_positive_ratios(quick_run):
-    table, _ = quick_run
+def test_quick_table_has_every_figure_with_consistent_ratios(quick_run):
+    table, results = quick_run
     header, columns, rule, *lines = table
+    # the suite runs in fp32 (conftest sets ACCELERATE_MIXED_PRECISION=no), and the header says so and why
     assert header.startswith("machine: ") and "torch threads 1" in header and "device cpu" in header
+    assert "precision fp32 (ACCELERATE_MIXED_PRECISION)" in header
     assert [c.strip() for c in columns.split("|")] == ["figure", "ours", "baseline", "ratio", "target"]
     cells = [[c.strip() for c in line.split("|")] for line in lines]
     assert all(len(row) == 5 for row in cells)
     for expected in EXPECTED_ROWS:
         assert sum(row[0].startswith(expected) or expected in row[0] for row in cells) == 1, expected
-    for figure, ours, _, ratio, _ in cells:
+    for (figure, ours, _, ratio, target), row in zip(cells, results["rows"]):
         if COMPILE_ROW in figure and ours.startswith(("skipped:", "failed:")):
             continue
         assert _is_positive_number(float(ratio)), (figure, ratio)
+        assert float(ratio) == pytest.approx(row["ours"] / row["baseline"], abs=6e-4), figure  # the printed ratio is ours / baseline
+        assert target == (row["target"] if row["met"] is None else f"{row['target']} {'ok' if row['met'] else 'MISSED'}")
+
+
+def test_precision_row_states_the_policys_claim(quick_run):
+    """fp32 picked: the row's target says fp32 must be the faster; `met` is that claim checked."""
+    _, results = quick_run
+    assert results["machine"]["precision"] == "no" and results["settings"]["precision"] == "no"
+    (row,) = [r for r in results["rows"] if "bf16 autocast vs fp32" in r["figure"]]
+    assert "policy picks fp32" in row["figure"] and row["target"] == "< 1"
+    assert row["met"] == (row["ours"] / row["baseline"] < 1)
 
 
 def test_quick_json_matches_the_table(quick_run):
     table, results = quick_run
     assert results["machine"]["threads"] == 1 and results["settings"]["batch_size"] == 32
+    assert results["machine"]["device"] == "cpu" and results["settings"]["device_type"] == "cpu"
     assert [row["figure"] for row in results["rows"]] == [line.split("|")[0].strip() for line in table[3:]]
     for row in results["rows"]:
         if COMPILE_ROW in row["figure"]:

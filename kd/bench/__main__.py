@@ -1,7 +1,9 @@
 """python -m kd.bench [--dataset PATH] [--threads N] [--quick] [--output FILE.json]
 
-Prints one table (figure | ours | baseline | ratio | target) under a line naming the machine;
---output also writes the rows, settings and machine as JSON. About 3 minutes on 2 CPU cores
+Prints one table (figure | ours | baseline | ratio | target) under a line naming the machine,
+the device (CUDA when there is one, else the CPU; --cpu forces the CPU) and the precision the
+policy picks there (kd.device; --mixed-precision overrides it), which every figure uses;
+figure 5 also times bf16 against fp32. --output also writes the rows, settings and machine as JSON. About 3 minutes on 2 CPU cores
 (never more than 5: torch.compile gets what is left of the budget, or is skipped);
 --quick (small batches, one timed round, no torch.compile) about 30 s, as a smoke test."""
 
@@ -14,6 +16,7 @@ from typing import List
 
 import torch
 
+from kd import device as devices
 from kd.bench import figures
 from kd.bench.timing import Row, machine
 from kd.data import DEFAULT_DATASET, load_cifar
@@ -24,11 +27,11 @@ COLUMNS = ("figure", "ours", "baseline", "ratio", "target")
 BUDGET_S = 280  # the whole run stays under 5 minutes: torch.compile gets what is left of this
 
 
-def settings(args) -> figures.Settings:
+def settings(args, device_type: str, precision: str) -> figures.Settings:
     if args.quick:
-        return figures.Settings(args.dataset, args.threads, batch_size=32, distill_batch_size=32, warmup=1, repeats=1,
+        return figures.Settings(args.dataset, args.threads, device_type, precision, batch_size=32, distill_batch_size=32, warmup=1, repeats=1,
                                 steps_per_call=1, pipeline_batches=4, memory_steps=1, measure_compile=False)
-    return figures.Settings(args.dataset, args.threads, batch_size=256, distill_batch_size=128, warmup=1, repeats=4,
+    return figures.Settings(args.dataset, args.threads, device_type, precision, batch_size=256, distill_batch_size=128, warmup=1, repeats=4,
                             steps_per_call=1, pipeline_batches=40, memory_steps=1, measure_compile=True)
 
 
@@ -61,9 +64,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every timed process (default: 1)")
     parser.add_argument("--quick", action="store_true", help="smoke test: small batches, one timed round, no torch.compile")
     parser.add_argument("--output", help="also write the results to this JSON file")
+    parser.add_argument("--cpu", action="store_true", help="benchmark the CPU even where there is a GPU")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), help="instead of the policy's choice for the device")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    s = settings(args)
+    hardware = devices.detect_hardware(use_cpu=args.cpu or None)
+    precision = devices.choose_precision(args.mixed_precision, hardware, warn=lambda m: print(m, file=sys.stderr), launcher_argv=None)
+    s = settings(args, hardware.type, precision.mode)
     start = time.perf_counter()
     data = load_cifar(s.dataset, val_size=0)
     rows, seconds = [], {}
@@ -74,10 +81,12 @@ def main(argv=None) -> int:
         rows += figure()
         seconds[name] = round(time.perf_counter() - figure_start, 1)
         print(f"[kd.bench] {name}: {seconds[name]:.0f} s", file=sys.stderr, flush=True)
-    info = machine(args.threads)
+    info = {**machine(args.threads, hardware), "precision": precision.mode, "precision_reason": precision.reason}
     elapsed = time.perf_counter() - start
-    header = (f"machine: {info['cpu']} | torch threads {info['threads']} | torch {info['torch']} | device {info['device']} | "
-              f"batch {s.batch_size} | bf16 autocast unless noted | {'quick' if args.quick else 'full'} run, {elapsed:.0f} s")
+    device_name = "" if hardware.type == "cpu" else f" {hardware.name}"
+    header = (f"machine: {info['cpu']} | torch threads {info['threads']} | torch {info['torch']} | device {info['device']}{device_name} | "
+              f"precision {precision.label} ({precision.reason}) unless noted | batch {s.batch_size} | "
+              f"{'quick' if args.quick else 'full'} run, {elapsed:.0f} s")
     print(render(rows, header))
     if args.output:
         write_json_atomic(Path(args.output), {"machine": info, "settings": vars(s), "elapsed_s": round(elapsed, 1),

@@ -12,9 +12,9 @@ from typing import Dict, Optional
 
 import torch
 
-from kd.runner import keep_freed_memory
-from kd.bench.timing import (STUDENT, TEACHER, bare_step, create_model, peak_rss_mb, random_batch, reset_peak_rss,
-                             time_steps)
+from kd.bench.timing import (STUDENT, TEACHER, bare_step, create_model, peak_memory_mb, peak_rss_mb, random_batch,
+                             reset_peak_memory, time_steps)
+from kd.device import keep_freed_memory
 from kd.config import DistillConfig, TrainConfig
 from kd.data import DeviceLoader, Split, load_cifar
 from kd.distillers import FrozenTeacher, Supervised, build_distiller
@@ -76,8 +76,9 @@ class FirstBatches:
         return itertools.islice(iter(self.loader), self.n)
 
 
-def memory_job(kind: str, dataset: Optional[str], batch_size: int, steps: int, num_images: int, num_classes: int) -> Dict:
-    """Peak RSS of `steps` training steps. kind: "bare" (the bare loop on a random batch, no
+def memory_job(kind: str, dataset: Optional[str], batch_size: int, steps: int, num_images: int, num_classes: int,
+               device_type: str, precision: str) -> Dict:
+    """Peak memory (RSS on CPU, allocated GPU memory on CUDA) of `steps` training steps. kind: "bare" (the bare loop on a random batch, no
     data), "teacher" (our loop, Supervised, the real training split loaded by load_cifar),
     "student" or a distillation mode (our loop, 8x4 student and 14x4 teacher, on a uint8 split
     of the real one's size, so that the load's transient peak does not hide the step's)."""
@@ -85,46 +86,47 @@ def memory_job(kind: str, dataset: Optional[str], batch_size: int, steps: int, n
 
     after_imports = peak_rss_mb()
     if kind == "bare":
-        step = bare_step(create_model(STUDENT), [random_batch(batch_size)])
+        step = bare_step(create_model(STUDENT, device_type=device_type), [random_batch(batch_size, device_type=device_type)], precision)
         for _ in range(steps):
             step()
-        return {"peak_mb": peak_rss_mb(), "after_imports_mb": after_imports}
+        return {"peak_mb": peak_memory_mb(device_type), "after_imports_mb": after_imports}
     if kind == "teacher":
         data = load_cifar(dataset, val_size=0)  # the whole training split, as a real run holds it
         split, mean, std, num_classes = data.train, data.mean, data.std, data.num_classes
     else:
         split = Split(torch.full((num_images, 3, 32, 32), 128, dtype=torch.uint8), torch.arange(num_images) % num_classes)
         mean, std = CIFAR10_MEAN, CIFAR10_STD
-    load_peak = peak_rss_mb()
-    can_reset = reset_peak_rss()
-    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    load_peak = peak_memory_mb(device_type)
+    can_reset = reset_peak_memory(device_type)
+    accelerator = Accelerator(mixed_precision=precision, cpu=device_type == "cpu")
     student = create_model(TEACHER if kind == "teacher" else STUDENT, num_classes)
     if kind in ("student", "teacher"):
         method = Supervised(student)
     else:
-        method = build_distiller(kind, student, FrozenTeacher(create_model(TEACHER, num_classes, seed=1)), DistillConfig(mode=kind))
+        teacher = FrozenTeacher(create_model(TEACHER, num_classes, seed=1)).to(accelerator.device)
+        method = build_distiller(kind, student, teacher, DistillConfig(mode=kind))
     cfg = TrainConfig(batch_size=batch_size, epochs=1)
     optimizer = make_optimizer(method, cfg)
     method, optimizer = accelerator.prepare(method, optimizer)
     loader = DeviceLoader(split, batch_size, accelerator.device, mean, std, train=True)
     train_one_epoch(accelerator, method, optimizer, FirstBatches(loader, steps), cfg, TrainerState(), 10_000, 0)
-    train_peak = peak_rss_mb()
+    train_peak = peak_memory_mb(device_type)
     return {"peak_mb": max(load_peak, train_peak), "load_peak_mb": load_peak, "train_peak_mb": train_peak if can_reset else None,
             "after_imports_mb": after_imports, "num_train": len(split)}
 
 
-def compile_job(batch_size: int, warmup: int, repeats: int) -> Dict:
+def compile_job(batch_size: int, warmup: int, repeats: int, device_type: str, precision: str) -> Dict:
     """torch.compile (inductor) vs eager on the bare step, after the compile warm-up."""
     import torch._inductor.config as inductor_config
 
     inductor_config.compile_threads = 1  # no pool of compile workers on a 2-core machine
-    batch = [random_batch(batch_size)]
-    eager = bare_step(create_model(STUDENT), batch)
-    compiled = bare_step(torch.compile(create_model(STUDENT)), batch)
+    batch = [random_batch(batch_size, device_type=device_type)]
+    eager = bare_step(create_model(STUDENT, device_type=device_type), batch, precision)
+    compiled = bare_step(torch.compile(create_model(STUDENT, device_type=device_type)), batch, precision)
     start = time.perf_counter()
     compiled()  # the first call compiles forward and backward
     warmup_s = time.perf_counter() - start
-    times = time_steps({"compiled": compiled, "eager": eager}, warmup, repeats)
+    times = time_steps({"compiled": compiled, "eager": eager}, warmup, repeats, device_type)
     return {**times, "compile_warmup_s": warmup_s}
 
 
@@ -133,10 +135,10 @@ class StepProcess:
     is called: two children with different process-wide settings (the allocator's) can then be
     timed round-robin by time_steps, just as two functions of one process are."""
 
-    def __init__(self, threads: int, batch_size: int, keep_freed_memory: bool, timeout_s: float = 120):
+    def __init__(self, threads: int, batch_size: int, precision: str, keep_freed_memory: bool, timeout_s: float = 120):
         self.connection, child_end = _context().Pipe()
         self.timeout_s = timeout_s
-        self.process = _context().Process(target=_serve_steps, args=(child_end, threads, batch_size, keep_freed_memory), daemon=True)
+        self.process = _context().Process(target=_serve_steps, args=(child_end, threads, batch_size, precision, keep_freed_memory), daemon=True)
         self.process.start()
         child_end.close()
         self._receive()  # ready, or the child's error
@@ -164,12 +166,12 @@ class StepProcess:
                 self.process.terminate()  # the one child started above, by its pid
 
 
-def _serve_steps(connection, threads: int, batch_size: int, keep: bool) -> None:
+def _serve_steps(connection, threads: int, batch_size: int, precision: str, keep: bool) -> None:
     torch.set_num_threads(threads)
     try:
         if keep and not keep_freed_memory():
             raise RuntimeError("mallopt is not available (not glibc?)")
-        step = bare_step(create_model(STUDENT), [random_batch(batch_size)])
+        step = bare_step(create_model(STUDENT), [random_batch(batch_size)], precision)
     except Exception as error:  # reported by the parent as "failed: ..."
         connection.send({"error": f"{type(error).__name__}: {error}"})
         return
