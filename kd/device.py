@@ -53,9 +53,17 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+# oneDNN instruction-set caps below AVX512_CORE_BF16: with one of these in ONEDNN_MAX_CPU_ISA,
+# oneDNN emulates bf16 even on a CPU that has it (measured: 11x slower than fp32, as on AVX2)
+ISA_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def cpu_native_bf16() -> Optional[str]:
     """The CPU's native bf16 instructions as torch detects them, or None (bf16 emulated, ~10x
-    slower than fp32 on an AVX2-only CPU)."""
+    slower than fp32 on an AVX2-only CPU, or oneDNN capped below them)."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if cap in ISA_CAPS_WITHOUT_BF16:
+        return None
     if torch.cpu._is_amx_tile_supported():
         return "AMX"
     if torch.cpu._is_avx512_bf16_supported():
@@ -90,7 +98,7 @@ def hardware_default(hardware: Hardware) -> Precision:
         return Precision("no", f"hardware default: compute capability {capability} has no fast reduced precision")
     if native_bf16(hardware):
         return Precision("bf16", f"hardware default: the CPU has native bf16 ({hardware.cpu_bf16})")
-    return Precision("no", "hardware default: the CPU has no native bf16 (no AVX512-BF16 or AMX), so bf16 would be emulated")
+    return Precision("no", "hardware default: no native bf16 on this CPU (no AVX512-BF16 or AMX, or oneDNN capped below them), so bf16 would be emulated")
 
 
 def is_accelerate_launcher(argv: Sequence[str]) -> bool:

@@ -85,13 +85,22 @@ def test_launcher_detection():
         assert device.is_accelerate_launcher(argv) == launched, argv
 
 
-def test_this_machine_is_classified_as_torch_reports_it():
+def test_this_machine_is_classified_as_torch_reports_it(monkeypatch):
     import torch
 
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     hardware = device.detect_hardware(use_cpu=True)
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert device.native_bf16(hardware) == native
     assert device.hardware_default(hardware).mode == ("bf16" if native else "no")
+
+
+def test_a_onednn_cap_below_bf16_means_emulated(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN emulate bf16 even where the CPU has it."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert device.cpu_native_bf16() is None
+    assert device.hardware_default(device.detect_hardware(use_cpu=True)).mode == "no"
 
 
 def test_format_duration():
