@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @main_guard
-def main(argv: Optional[Sequence[str]] = None) -> Dict:
+def explore(argv: Optional[Sequence[str]] = None) -> Dict:
+    """The command line's work; returns the summary written to eda.json."""
     args = build_parser().parse_args(argv)
     if args.per_class < 1:
         raise UsageError(f"--per-class must be at least 1, got {args.per_class}")
@@ -97,6 +98,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     samples = plot_samples(data.train, data.class_names, args.per_class, out / "samples.png")
     print(f"wrote {out / 'eda.json'} and {samples}")
     return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:  # None: the console script exits with main()'s value
+    explore(argv)
 
 
 if __name__ == "__main__":

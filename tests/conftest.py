@@ -95,6 +95,29 @@ def run_script(script: str, *args, processes: int = 1, check: bool = True, env=N
     return result
 
 
+def console_scripts() -> dict:
+    """{installed name: "module:function"} from setup.cfg's [options.entry_points]."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    lines = config["options.entry_points"]["console_scripts"].strip().splitlines()
+    return dict(tuple(part.strip() for part in line.split("=")) for line in lines)
+
+
+def console_script(name: str) -> str:
+    """The installed wrapper of a console script, next to this Python (the project's venv)."""
+    path = Path(sys.executable).parent / name
+    assert path.exists(), f"{name} is not installed next to {sys.executable}; run pip install -e ."
+    return str(path)
+
+
+def run_console_script(name: str, *args, env=None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run an installed console script by its name, with this checkout's code."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([console_script(name), *map(str, args)], capture_output=True, text=True, env=environment, cwd=REPO, timeout=timeout)
+
+
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
