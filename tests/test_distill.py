@@ -144,3 +144,26 @@ def test_teacher_with_other_number_of_classes(tiny_teacher, tmp_path):
 def test_missing_teacher_says_train_one_first(tiny_dataset, tmp_path):
     result = run_script("distill.py", "--teacher", tmp_path / "none", "--dataset", tiny_dataset, "--output-dir", tmp_path / "x", check=False)
     assert result.returncode == 2 and "accelerate launch train_teacher.py" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_at_loss_equals_hand_computed_value():
+    from kd.distillers.attention import at_loss
+
+    student = torch.tensor([[[[1.0, 2.0]], [[3.0, 0.0]]]])  # 1 image, 2 channels, 1x2 positions
+    teacher = torch.tensor([[[[0.0, 1.0]], [[2.0, 2.0]], [[1.0, 1.0]]]])  # 3 channels
+    a_s = [(1 + 9) / 2, (4 + 0) / 2]  # channel mean of the squares: [5, 2]
+    a_t = [(0 + 4 + 1) / 3, (1 + 4 + 1) / 3]  # [5/3, 2]
+    a_s = [v / math.hypot(*a_s) for v in a_s]
+    a_t = [v / math.hypot(*a_t) for v in a_t]
+    per_stage = sum((s - t) ** 2 for s, t in zip(a_s, a_t)) / 2  # mean over the 2 positions
+    beta = 1000.0
+    assert at_loss([student, student], [teacher, teacher], beta).item() == pytest.approx(beta / 2 * 2 * per_stage, rel=1e-6)
+
+
+def test_attention_map_of_fp16_features_above_256_is_finite_and_exact():
+    from kd.distillers.attention import attention_map
+
+    features = torch.rand(2, 8, 4, 4) * 1000 + 300  # every square overflows fp16 (max 65504)
+    half = attention_map(features.half())
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    torch.testing.assert_close(half, attention_map(features.half().float()), rtol=0, atol=0)
