@@ -167,3 +167,24 @@ def test_attention_map_of_fp16_features_above_256_is_finite_and_exact():
     half = attention_map(features.half())
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     torch.testing.assert_close(half, attention_map(features.half().float()), rtol=0, atol=0)
+
+
+def test_teacher_sees_images_normalised_with_its_own_statistics():
+    """Batches are normalised with the student run's statistics; a teacher trained on other
+    statistics (its exported pretrained_cfg mean/std) must get its own normalisation back."""
+    torch.manual_seed(0)
+    model = timm.create_model("cifar_resnet8", num_classes=4).eval()
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.2, 0.5, 0.7), "std": (0.1, 0.3, 0.2)}
+    student_mean, student_std = (0.45, 0.4, 0.35), (0.25, 0.2, 0.3)
+    raw = torch.rand(4, 3, 32, 32)
+    as_student = (raw - torch.tensor(student_mean).view(1, 3, 1, 1)) / torch.tensor(student_std).view(1, 3, 1, 1)
+    as_teacher = (raw - torch.tensor((0.2, 0.5, 0.7)).view(1, 3, 1, 1)) / torch.tensor((0.1, 0.3, 0.2)).view(1, 3, 1, 1)
+    teacher = FrozenTeacher(model).match_input(student_mean, student_std)
+    with torch.no_grad():
+        expected_logits, expected_taps = model.forward_taps(as_teacher, ["layer1"])
+    torch.testing.assert_close(teacher.logits(as_student), expected_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(teacher.taps(as_student, ["layer1"])["layer1"], expected_taps["layer1"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(teacher.logits_and_taps(as_student, ["layer1"])[0], expected_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(model(as_student), expected_logits, atol=1e-2)  # the statistics really differ
+    same = FrozenTeacher(model).match_input((0.2, 0.5, 0.7), (0.1, 0.3, 0.2))
+    assert torch.equal(same.logits(as_teacher), model(as_teacher))  # equal statistics: the batch goes in unchanged
