@@ -94,7 +94,7 @@ def make_accelerator(cfg: TrainConfig, run: RunArgs, trackers) -> Accelerator:
         mixed_precision=run.mixed_precision or default_mixed_precision(),
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=trackers or None,
-        project_dir=run.output_dir,
+        project_config=tracking.project_config(Path(run.output_dir)),
         dynamo_backend="inductor" if run.compile else None,
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -142,13 +142,14 @@ def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Opt
     resolved = resolved_config(cfg, distill, run, extra or {}, data, accelerator)
     if run.resume:
         check_resumable(out, resolved)
+    resolved["tracker_run_id"] = tracking.tracker_run_id(out, run.resume)
     accelerator.wait_for_everyone()  # every process has checked the folder before anything is written
     if accelerator.is_main_process:
         if run.overwrite and not run.resume:
             clear_old_run(out)
         write_json_atomic(out / "run_config.json", resolved)
     accelerator.init_trackers(run.project, config=tracking.flat_config(resolved),
-                              init_kwargs=tracking.init_kwargs(out, run.run_name or out.name, run.tags))
+                              init_kwargs=tracking.init_kwargs(out, run.run_name or out.name, run.tags, resolved["tracker_run_id"]))
     metrics = fit(accelerator, method, data, cfg, run)
     accelerator.wait_for_everyone()
     accelerator.end_training()
