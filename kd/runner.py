@@ -95,7 +95,6 @@ def make_accelerator(cfg: TrainConfig, run: RunArgs, trackers) -> Accelerator:
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=trackers or None,
         project_config=tracking.project_config(Path(run.output_dir)),
-        dynamo_backend="inductor" if run.compile else None,
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
@@ -173,13 +172,30 @@ def resolved_config(cfg: TrainConfig, distill, run: RunArgs, extra: Dict, data: 
     }
 
 
+# What a resumed run must share with the run it continues: everything that changes what is
+# learned. The process count and --grad-accum only split the same global batch differently.
+RESUME_MUST_MATCH = ("train", "distill", "role", "method", "teacher", "data")
+RESUME_MAY_CHANGE = ("grad_accum",)
+
+
+def _resume_settings(resolved: Dict) -> Dict:
+    flat = {"dataset": (resolved.get("run") or {}).get("dataset")}
+    for section in RESUME_MUST_MATCH:
+        values = resolved.get(section)
+        if isinstance(values, dict):
+            prefix = "data." if section == "data" else ""
+            flat.update({prefix + k: v for k, v in values.items() if k not in RESUME_MAY_CHANGE})
+        else:
+            flat[section] = values
+    return flat
+
+
 def check_resumable(out: Path, resolved: Dict) -> None:
-    saved = json.loads((out / "run_config.json").read_text())
-    for section in ("train", "distill"):
-        for key, value in (resolved[section] or {}).items():
-            before = (saved.get(section) or {}).get(key)
-            if json.dumps(before) != json.dumps(value):
-                raise UsageError(f"--resume: {key} was {before!r} in this run, now {value!r}; resume with the run's settings or start a new --output-dir")
+    saved, now = _resume_settings(json.loads((out / "run_config.json").read_text())), _resume_settings(resolved)
+    for key in now:
+        if json.dumps(saved.get(key)) != json.dumps(now[key]):
+            raise UsageError(f"--resume: {key} was {saved.get(key)!r} in this run, now {now[key]!r}; "
+                             "resume with the run's settings or start a new --output-dir")
 
 
 def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: TrainConfig, run: RunArgs) -> Dict:
@@ -195,6 +211,12 @@ def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: Train
         else:
             accelerator.print("--sync-bn: SyncBatchNorm needs CUDA; BatchNorm statistics stay per process")
     optimizer = engine.make_optimizer(method, cfg)
+    if run.compile:
+        # compiled in place, inside DDP: the state_dict keys stay those of an uncompiled run (a
+        # checkpoint resumes with or without --compile), and accelerate's unwrap_model has no
+        # compiled wrapper to rewrite (with dynamo_backend it points the wrapper's _orig_mod past
+        # DDP, and the ranks stop averaging their gradients)
+        method.compile()
     method, optimizer = accelerator.prepare(method, optimizer)
     state = checkpoint.load(accelerator, out / CHECKPOINT) if run.resume else engine.TrainerState()
     steps_per_epoch = len(train_loader) // cfg.grad_accum

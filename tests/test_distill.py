@@ -1,5 +1,6 @@
 """The distillation methods: their losses, the frozen teacher, and every mode end to end."""
 
+import json
 import math
 
 import pytest
@@ -188,3 +189,35 @@ def test_teacher_sees_images_normalised_with_its_own_statistics():
     assert not torch.allclose(model(as_student), expected_logits, atol=1e-2)  # the statistics really differ
     same = FrozenTeacher(model).match_input((0.2, 0.5, 0.7), (0.1, 0.3, 0.2))
     assert torch.equal(same.logits(as_teacher), model(as_teacher))  # equal statistics: the batch goes in unchanged
+
+
+def test_killed_distillation_resumes_as_if_uninterrupted_and_refuses_other_data_or_teacher(tiny_dataset, tiny_teacher, tmp_path):
+    """hidden-trained carries an adapter and SGD momentum for it: both come back from the
+    checkpoint, so the resumed run equals an uninterrupted one. A resume with another dataset
+    or teacher would train something else under the same run: refused in one line."""
+    from conftest import kill_after_epochs, write_tiny_cifar
+
+    args = ["--mode", "hidden-trained", "--teacher", tiny_teacher, "--dataset", tiny_dataset, "--model", "cifar_resnet8",
+            *TINY_FLAGS, "--epochs", "3", "--mixed-precision", "no"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run_script("distill.py", *args, "--output-dir", whole)
+    assert 1 <= kill_after_epochs("distill.py", killed, 1, *args) < 3
+    state = (killed / "checkpoint" / "trainer_state.json").read_text()
+
+    other_data = write_tiny_cifar(tmp_path / "other-data", seed=1)
+    other_teacher = tmp_path / "other-teacher"
+    other_teacher.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (other_teacher / name).write_bytes((tiny_teacher / name).read_bytes())
+    for flag, value in (("--dataset", other_data), ("--teacher", other_teacher)):
+        changed = [value if previous == flag else a for previous, a in zip([None, *args], args)]
+        result = run_script("distill.py", *changed, "--output-dir", killed, "--resume", check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert lines[0].startswith(f"error: --resume: {flag[2:]} was ") and str(value) in lines[0]
+    assert (killed / "checkpoint" / "trainer_state.json").read_text() == state  # refused before anything was written
+
+    run_script("distill.py", *args, "--output-dir", killed, "--resume")
+    assert read_json(killed / "metrics.json") == read_json(whole / "metrics.json")
+    losses = lambda run: [json.loads(line)["loss"] for line in (run / "history.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(killed) == losses(whole)
