@@ -127,6 +127,25 @@ def loaders(data: CifarData, cfg: TrainConfig, run: RunArgs, accelerator: Accele
     return train, evaluation(data.val), evaluation(data.test)
 
 
+def load_data(accelerator: Accelerator, cfg: TrainConfig, run: RunArgs) -> CifarData:
+    """The main process decodes and caches the dataset first; the others then read the cache.
+    A dataset the main process cannot load stops every process with its one error line (the
+    others would otherwise crash with a traceback in the barrier they wait at)."""
+    load = lambda: load_cifar(run.dataset, cfg.val_size, cfg.max_train_samples, cfg.max_eval_samples)  # noqa: E731
+    data, error = None, None
+    if accelerator.is_main_process:
+        try:
+            data = load()
+        except UsageError as caught:
+            error = caught
+    failed = accelerator.reduce(torch.tensor([error is not None], dtype=torch.int32, device=accelerator.device), reduction="sum")
+    if error is not None:
+        raise error
+    if int(failed.item()):
+        raise UsageError("the main process could not load the dataset")  # printed by the main process only
+    return data if data is not None else load()
+
+
 def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Optional[DistillConfig] = None, extra: Optional[Dict] = None) -> Dict:
     """Train `cfg.model` with the method `make_method` builds; returns the final metrics."""
     check_output_dir(run)
@@ -135,8 +154,7 @@ def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Opt
     trackers = tracking.resolve_trackers(run.report_to, announce=lambda m: print(m, file=sys.stderr) if os.environ.get("RANK", "0") == "0" else None)
     accelerator = make_accelerator(cfg, run, trackers)
     set_seed(cfg.seed)
-    with accelerator.main_process_first():  # the main process decodes and caches; the others read the cache
-        data = load_cifar(run.dataset, cfg.val_size, cfg.max_train_samples, cfg.max_eval_samples)
+    data = load_data(accelerator, cfg, run)
     method = make_method(create_student(cfg, data.num_classes), data, accelerator)
     resolved = resolved_config(cfg, distill, run, extra or {}, data, accelerator)
     if run.resume:

@@ -78,22 +78,23 @@ def free_port() -> int:
 TINY_FLAGS = ["--epochs", "2", "--batch-size", "32", "--val-size", "32", "--report-to", "none", "--lr", "0.05"]
 
 
-def script_command(script: str, *args, processes: int = 1, env=None):
+def script_command(script: str, *args, processes: int = 1, env=None, launcher: bool = False):
     """(command, environment) that run one of the repo's scripts as a user would: `python
-    script` or, for several processes, `accelerate launch --multi_gpu` on CPU (gloo)."""
+    script` or, for several processes (or with `launcher`), `accelerate launch --quiet` on CPU
+    (gloo), --multi_gpu for several processes."""
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1" if processes > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
-    if processes == 1:
+    if processes == 1 and not launcher:
         command = [sys.executable, str(REPO / script), *map(str, args)]
     else:
         environment["ACCELERATE_USE_CPU"] = "1"
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                   "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", *(["--multi_gpu"] if processes > 1 else []),
+                   "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
                    "--main_process_port", str(free_port()), str(REPO / script), *map(str, args)]
     return command, environment
 
 
-def run_script(script: str, *args, processes: int = 1, check: bool = True, env=None, timeout: int = 600) -> subprocess.CompletedProcess:
-    command, environment = script_command(script, *args, processes=processes, env=env)
+def run_script(script: str, *args, processes: int = 1, check: bool = True, env=None, timeout: int = 600, launcher: bool = False) -> subprocess.CompletedProcess:
+    command, environment = script_command(script, *args, processes=processes, env=env, launcher=launcher)
     result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}")

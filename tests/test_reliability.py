@@ -93,6 +93,22 @@ def test_batch_not_divisible_by_processes(tiny_dataset, tmp_path):
     assert result.returncode != 0 and result.stderr.count("error: --batch-size 33 is not divisible by 2 processes") == 1
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_bad_dataset_under_accelerate_launch(processes, tmp_path):
+    """`accelerate launch --quiet`: with one process (the launcher's simple launcher) our line
+    is all there is. With several, torchrun's launcher always raises ChildFailedError after our
+    line: its traceback cannot be turned off (README, Reliability); none comes from our code."""
+    missing = tmp_path / "nowhere"
+    result = run_script("train_student.py", "--dataset", missing, "--output-dir", tmp_path / "x", "--report-to", "none",
+                        processes=processes, launcher=True, check=False)
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and ours == [f"error: dataset folder {missing} does not exist; pass --dataset with a folder that holds the parquet files"]
+    if processes == 1:
+        assert result.stderr.strip().splitlines() == ours, result.stderr[-3000:]
+    else:
+        assert "ChildFailedError" in result.stderr and f'File "{REPO / "kd"}' not in result.stderr, result.stderr[-3000:]
+
+
 def _train_args(dataset, out):
     return ["--dataset", dataset, "--model", "cifar_resnet8", "--output-dir", out, "--epochs", "6", "--batch-size", "32",
             "--val-size", "32", "--report-to", "none", "--lr", "0.05", "--seed", "7"]
