@@ -69,3 +69,8 @@ def test_bad_preset_under_a_script_is_one_line(tiny_dataset, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: config file {preset}: report_to:"), result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_channels_last_is_on_by_default_and_no_channels_last_turns_it_off():
+    assert parse(parser(), [])[2].channels_last is True
+    assert parse(parser(), ["--no-channels-last"])[2].channels_last is False

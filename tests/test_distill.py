@@ -88,20 +88,77 @@ def test_hidden_trained_adapts_any_pair_of_shapes():
     assert torch.isfinite(terms["loss_hidden"])
 
 
+# which terms each weight scales, per mode (the logits term's alpha: test_logits_loss_weights...)
+WEIGHTED = {
+    "logits": {},
+    "hidden": {"hidden_factor": ["loss_hidden"]},
+    "hidden-trained": {"hidden_factor": ["loss_hidden"]},
+    "hybrid": {"hidden_factor": ["loss_hidden"], "logits_factor": ["loss_ce", "loss_kd"]},
+    "at": {"at_beta": ["loss_at"]},
+}
+
+
 def test_every_registered_mode_builds_and_returns_weighted_terms():
-    for mode in DISTILLERS:
-        method, _ = _build(mode)
-        logits, terms = method(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))
-        assert logits.shape == (2, 10) and terms and all(v.ndim == 0 and torch.isfinite(v) for v in terms.values())
+    """Each weight scales its own terms, and only them: hidden_factor, logits_factor, at_beta."""
+    assert set(WEIGHTED) == set(DISTILLERS)  # a new mode says which terms its weights scale
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+
+    def terms(mode, **overrides):
+        torch.manual_seed(0)  # the same student, teacher and adapter weights every time
+        method, _ = _build(mode, **overrides)
+        logits, values = method.eval()(images, labels)
+        assert logits.shape == (2, 10) and values and all(v.ndim == 0 and torch.isfinite(v) for v in values.values())
+        return {k: v.item() for k, v in values.items()}
+
+    for mode, weights in WEIGHTED.items():
+        base = terms(mode)
+        for weight, scaled in weights.items():
+            tripled = terms(mode, **{weight: 3 * getattr(DistillConfig(), weight)})
+            for name, value in base.items():
+                assert tripled[name] == pytest.approx(3 * value if name in scaled else value, rel=1e-5), (mode, weight, name)
+
+
+@pytest.fixture(scope="module")
+def accumulated_runs(tiny_dataset, tiny_teacher, tmp_path_factory):
+    """One run per mode on one process with two micro-batches per step (--grad-accum 2): the
+    BatchNorm batches of two processes. Made on first use, kept for the module."""
+    runs = {}
+
+    def run(mode):
+        if mode not in runs:
+            out = tmp_path_factory.mktemp("accum") / mode
+            runs[mode] = (out, run_script("distill.py", *_e2e_args(mode, tiny_dataset, tiny_teacher, out), "--grad-accum", "2"))
+        return runs[mode]
+
+    return run
+
+
+def _e2e_args(mode, dataset, teacher, out):
+    return ["--mode", mode, "--teacher", teacher, "--dataset", dataset, "--model", "cifar_resnet8", "--student-layer", "layer2",
+            "--teacher-layer", "layer2", "--output-dir", out, *TINY_FLAGS, "--mixed-precision", "no"]
+
+
+def _history(run):
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("processes", [1, 2])
 @pytest.mark.parametrize("mode", list(DISTILLERS))
-def test_distill_end_to_end(mode, processes, tiny_dataset, tiny_teacher, tmp_path):
-    out = tmp_path / mode
+def test_distill_end_to_end(mode, processes, tiny_dataset, tiny_teacher, accumulated_runs, tmp_path):
+    """One process accumulating two micro-batches, and two processes, which must train exactly
+    like it (the same images, order, augmentation and BatchNorm batches per step)."""
     before = load_file(tiny_teacher / "model.safetensors")
-    result = run_script("distill.py", "--mode", mode, "--teacher", tiny_teacher, "--dataset", tiny_dataset, "--model", "cifar_resnet8",
-                        "--student-layer", "layer2", "--teacher-layer", "layer2", "--output-dir", out, *TINY_FLAGS, processes=processes)
+    if processes == 1:
+        out, result = accumulated_runs(mode)
+    else:
+        out = tmp_path / mode
+        result = run_script("distill.py", *_e2e_args(mode, tiny_dataset, tiny_teacher, out), processes=2)
+        accumulated = _history(accumulated_runs(mode)[0])
+        ours = _history(out)
+        assert [(h["step"], h["lr"]) for h in ours] == [(h["step"], h["lr"]) for h in accumulated]
+        for a, b in zip(ours, accumulated):
+            for term in (k for k in a if k.startswith("loss")):
+                assert a[term] == pytest.approx(b[term], rel=1e-3), (term, ours, accumulated)
     metrics = read_json(out / "metrics.json")
     assert metrics["test"]["num_samples"] == 64 and metrics["test"]["accuracy"] > 0.5  # 4 colours: chance is 0.25
     resolved = read_json(out / "run_config.json")

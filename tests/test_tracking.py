@@ -127,13 +127,17 @@ def test_resume_continues_the_same_wandb_run(tiny_dataset, tmp_path, no_wandb_se
     assert read_json(out / "run_config.json")["tracker_run_id"] == run_id
 
 
-def test_tensorboard_writes_inside_the_run_folder_and_overwrite_clears_it(tiny_dataset, tmp_path):
+def test_tensorboard_writes_inside_the_run_folder_and_overwrite_replaces_the_run(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     args = ["--dataset", tiny_dataset, "--model", "cifar_resnet8", "--output-dir", out, *TINY_FLAGS, "--epochs", "1",
             "--report-to", "tensorboard", "--project", "proj"]
     run_script("train_student.py", *args)
     events = set(out.rglob("events.out.tfevents.*"))  # the scalars, and the hparams in a subfolder
     assert events and all((out / "tensorboard" / "proj") in path.parents for path in events), events
-    run_script("train_student.py", *args, "--overwrite")
+    first_id = read_json(out / "run_config.json")["tracker_run_id"]
+    run_script("train_student.py", *args, "--overwrite", "--seed", "1")
     after = set(out.rglob("events.out.tfevents.*"))
     assert len(after) == len(events) and not after & events, after  # the first run's events are gone, not mixed in
+    resolved = read_json(out / "run_config.json")  # --overwrite: a new run, nothing carried over
+    assert resolved["train"]["seed"] == 1 and resolved["tracker_run_id"] != first_id
+    assert len((out / "history.jsonl").read_text().splitlines()) == 1 and read_json(out / "metrics.json")["epochs"] == 1
