@@ -93,7 +93,8 @@ def script_command(script: str, *args, processes: int = 1, env=None, launcher: b
     return command, environment
 
 
-def run_script(script: str, *args, processes: int = 1, check: bool = True, env=None, timeout: int = 600, launcher: bool = False) -> subprocess.CompletedProcess:
+def run_script(script: str, *args, processes: int = 1, check: bool = True, env=None, timeout: int = 600,
+               launcher: bool = False) -> subprocess.CompletedProcess:
     command, environment = script_command(script, *args, processes=processes, env=env, launcher=launcher)
     result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO, timeout=timeout)
     if check and result.returncode != 0:
@@ -145,7 +146,8 @@ def console_script(name: str) -> str:
 def run_console_script(name: str, *args, env=None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run an installed console script by its name, with this checkout's code."""
     environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([console_script(name), *map(str, args)], capture_output=True, text=True, env=environment, cwd=REPO, timeout=timeout)
+    return subprocess.run([console_script(name), *map(str, args)], capture_output=True, text=True, env=environment, cwd=REPO,
+                          timeout=timeout)
 
 
 def read_json(path: Path):

@@ -82,7 +82,8 @@ def test_killed_run_resumes_on_another_process_count(before, after, runs, tiny_d
     out = tmp_path / "run"
     done = kill_after_epochs("train_student.py", out, 1, "--dataset", tiny_dataset, *FLAGS, *accum(before), processes=before)
     assert 1 <= done < 3 and not (out / "metrics.json").exists(), "the run was not killed mid-training"
-    resumed = run_script("train_student.py", "--dataset", tiny_dataset, "--output-dir", out, *FLAGS, *accum(after), "--resume", processes=after)
+    resumed = run_script("train_student.py", "--dataset", tiny_dataset, "--output-dir", out, *FLAGS, *accum(after), "--resume",
+                         processes=after)
     assert "epoch 1:" not in resumed.stdout and "epoch 3:" in resumed.stdout  # continued, not restarted
     assert read_json(out / "run_config.json")["num_processes"] == after
     assert_same_training(out, runs / "p2")
@@ -97,7 +98,8 @@ def test_two_machines_on_one_machine_train_like_two_processes(runs, tiny_dataset
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "multi_node.yaml"),
          "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
          "--main_process_port", str(port), "--mixed_precision", "no", str(REPO / "train_student.py"),
-         "--dataset", str(tiny_dataset), "--output-dir", str(out), *FLAGS], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--dataset", str(tiny_dataset), "--output-dir", str(out), *FLAGS],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for rank in (0, 1)]
     results = [machine.communicate(timeout=600) for machine in machines]
     assert [machine.returncode for machine in machines] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]

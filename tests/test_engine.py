@@ -32,7 +32,8 @@ def test_weight_decay_only_on_conv_and_linear_weights():
     names = {id(p): n for n, p in model.named_parameters()}
     assert decayed["weight_decay"] == 1e-3 and plain["weight_decay"] == 0.0
     assert {names[id(p)] for p in decayed["params"]} == {n for n, p in model.named_parameters() if p.ndim > 1}
-    assert all(n.endswith(".bias") or ".bn" in n or "shortcut.1" in n or n.startswith("stem.1") for n in (names[id(p)] for p in plain["params"]))
+    plain_names = [names[id(p)] for p in plain["params"]]
+    assert all(n.endswith(".bias") or ".bn" in n or "shortcut.1" in n or n.startswith("stem.1") for n in plain_names)
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
     assert all(g["nesterov"] and g["momentum"] == 0.8 for g in optimizer.param_groups)
 

@@ -102,7 +102,8 @@ def test_bad_dataset_under_accelerate_launch(processes, tmp_path):
     result = run_script("train_student.py", "--dataset", missing, "--output-dir", tmp_path / "x", "--report-to", "none",
                         processes=processes, launcher=True, check=False)
     ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert result.returncode != 0 and ours == [f"error: dataset folder {missing} does not exist; pass --dataset with a folder that holds the parquet files"]
+    expected = f"error: dataset folder {missing} does not exist; pass --dataset with a folder that holds the parquet files"
+    assert result.returncode != 0 and ours == [expected]
     if processes == 1:
         assert result.stderr.strip().splitlines() == ours, result.stderr[-3000:]
     else:
