@@ -50,6 +50,11 @@ def load(accelerator: Accelerator, folder: Path) -> TrainerState:
         with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing it
             warnings.simplefilter("ignore")
             accelerator.load_state(str(source))
+        # load_state restores accelerate's micro-step counter from the process's own RNG file:
+        # counted with the saving run's --grad-accum, and absent for a process the saving run did
+        # not have. A checkpoint sits at an epoch end, always a whole optimizer step: start at 0,
+        # so that a run resumed on another process count or --grad-accum syncs where it should.
+        accelerator.step = 0
         return TrainerState(**json.loads((source / STATE).read_text()))
     except pickle.UnpicklingError as error:
         raise UsageError(f"refused to resume from {source}: a file there holds Python objects that are not plain tensors "

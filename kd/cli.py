@@ -1,7 +1,7 @@
 """The command lines of train_teacher.py, train_student.py and distill.py."""
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from kd import runner
 from kd.config import build_parser, parse
@@ -17,7 +17,8 @@ ROLES = {
 
 
 @main_guard
-def train_main(role: str, argv: Optional[Sequence[str]] = None):
+def train(role: str, argv: Optional[Sequence[str]] = None) -> Dict:
+    """Train the teacher or the student baseline; returns the final metrics."""
     parser = build_parser(f"train_{role}.py", f"Train the {role} on CIFAR-10 with cross-entropy.", ROLES[role])
     cfg, _, run = parse(parser, argv)
     supervised = lambda student, data, accelerator: Supervised(student, label_smoothing=cfg.label_smoothing)  # noqa: E731
@@ -40,7 +41,8 @@ def print_layers(student, teacher: FrozenTeacher) -> None:
 
 
 @main_guard
-def distill_main(argv: Optional[Sequence[str]] = None):
+def distill(argv: Optional[Sequence[str]] = None) -> Optional[Dict]:
+    """Distil a student; returns the final metrics (None with --list-layers)."""
     parser = build_parser(
         "distill.py",
         "Train a student from a frozen teacher. --alpha weighs the teacher: "
@@ -58,6 +60,7 @@ def distill_main(argv: Optional[Sequence[str]] = None):
 
     def make_method(student, data, accelerator):
         check_teacher(teacher.model, run.teacher, data.num_classes, data.train.images.shape[1:])
+        teacher.match_input(data.mean, data.std)  # each model sees images normalised as it was trained
         method = build_distiller(distill.mode, student, teacher, distill, cfg.label_smoothing)
         teacher.to(accelerator.device)
         return method
@@ -66,9 +69,19 @@ def distill_main(argv: Optional[Sequence[str]] = None):
     return runner.run(cfg, run, make_method, distill=distill, extra=teacher_info)
 
 
-def teacher_entry():
+# Entry points (scripts and console scripts) return None: the installed wrapper calls
+# sys.exit(entry()), which prints anything else to stderr and exits 1.
+def train_main(role: str, argv: Optional[Sequence[str]] = None) -> None:
+    train(role, argv)
+
+
+def distill_main(argv: Optional[Sequence[str]] = None) -> None:
+    distill(argv)
+
+
+def teacher_entry() -> None:
     train_main("teacher")
 
 
-def student_entry():
+def student_entry() -> None:
     train_main("student")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from kd.data import DEFAULT_DATASET
+from kd.data import default_dataset
 from kd.errors import UsageError
 
 
@@ -105,6 +105,32 @@ def build_parser(prog: str, description: str, defaults: dict, distill_modes: Opt
     return parser
 
 
+def _check_yaml_value(path: str, action: argparse.Action, value):
+    """A YAML value as the command line would have parsed it: argparse never checks defaults
+    against `choices` or `type`, so a preset's values are checked here."""
+    key = action.dest
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise UsageError(f"config file {path}: {key}: {value!r} is not one of true, false")
+        return value
+    if action.nargs == "*":
+        value = value if isinstance(value, list) else [value]
+        return tuple(str(v) for v in value)
+    if value is None and action.default is None:
+        return value
+    if isinstance(value, bool) and action.choices and ("yes" if value else "no") in action.choices:
+        value = "yes" if value else "no"  # YAML reads a bare no/yes as a boolean: `mixed_precision: no`
+    if isinstance(value, (dict, list, bool)) or value is None:
+        raise UsageError(f"config file {path}: {key}: {value!r} is not a single {getattr(action.type, '__name__', 'str')} value")
+    try:
+        value = action.type(str(value)) if action.type else str(value)
+    except ValueError:
+        raise UsageError(f"config file {path}: {key}: {value!r} is not a valid {action.type.__name__}") from None
+    if action.choices is not None and value not in action.choices:
+        raise UsageError(f"config file {path}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
 def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     import yaml
 
@@ -116,12 +142,21 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         raise UsageError(f"config file {path} is not valid YAML: {error}") from error
     if not isinstance(values, dict):
         raise UsageError(f"config file {path} must hold option: value pairs")
-    known = {a.dest for a in parser._actions}
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UsageError(f"config file {path}: unknown option {unknown[0]!r}")
-    return values
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    checked = {}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in actions:
+            raise UsageError(f"config file {path}: unknown option {key!r}; valid options: {', '.join(actions)}")
+        checked[key] = _check_yaml_value(path, actions[key], value)
+    return checked
+
+
+def _check_choices(parser: argparse.ArgumentParser, ns: dict) -> None:
+    """The merged config against every option's choices, whatever set the value."""
+    for action in parser._actions:
+        if action.choices is not None and ns.get(action.dest) is not None and ns[action.dest] not in action.choices:
+            raise UsageError(f"--{action.dest.replace('_', '-')}: {ns[action.dest]!r} is not one of {', '.join(map(str, action.choices))}")
 
 
 def parse(parser: argparse.ArgumentParser, argv=None):
@@ -130,6 +165,7 @@ def parse(parser: argparse.ArgumentParser, argv=None):
     if first.config:
         parser.set_defaults(**_yaml_defaults(parser, first.config))
     ns = vars(parser.parse_args(argv))
+    _check_choices(parser, ns)
 
     def take(cls):
         return cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls) if f.name in ns})
@@ -138,7 +174,7 @@ def parse(parser: argparse.ArgumentParser, argv=None):
     distill = take(DistillConfig) if "mode" in ns else None
     run = take(RunArgs)
     if run.dataset is None:
-        run = dataclasses.replace(run, dataset=DEFAULT_DATASET)
+        run = dataclasses.replace(run, dataset=default_dataset())
     validate(train, distill)
     return train, distill, run
 

@@ -15,7 +15,13 @@ from PIL import Image
 
 from kd.errors import UsageError
 
-DEFAULT_DATASET = os.environ.get("KD_DATASET", "uoft-cs/cifar10")
+HUB_DATASET = "uoft-cs/cifar10"
+
+
+def default_dataset() -> str:
+    """$KD_DATASET, read when a command line is parsed (not at import), else the Hub's CIFAR-10."""
+    return os.environ.get("KD_DATASET", HUB_DATASET)
+
 IMAGE_COLUMNS = ("img", "image")
 VAL_SPLIT_SEED = 0  # the held-out validation split never changes with --seed
 
@@ -137,7 +143,7 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int = VAL_SPLIT_
 
 
 def load_cifar(
-    dataset: str = DEFAULT_DATASET,
+    dataset: str = HUB_DATASET,
     val_size: int = 5000,
     max_train_samples: Optional[int] = None,
     max_eval_samples: Optional[int] = None,

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from kd.config import Parser
-from kd.data import DEFAULT_DATASET, CifarData, Split, load_cifar
+from kd.data import HUB_DATASET, CifarData, default_dataset, Split, load_cifar
 from kd.errors import UsageError, main_guard
 from kd.export import write_json_atomic
 from kd.plots import save_png_atomic
@@ -77,14 +77,15 @@ def plot_samples(split: Split, class_names: Sequence[str], per_class: int, path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m kd.eda", description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--dataset", default=DEFAULT_DATASET, help=f"Hub id or local folder (default: {DEFAULT_DATASET})")
+    parser.add_argument("--dataset", default=default_dataset(), help=f"Hub id or local folder (default: $KD_DATASET or {HUB_DATASET})")
     parser.add_argument("--output-dir", default="outputs/eda", help="where samples.png and eda.json go (default: outputs/eda)")
     parser.add_argument("--per-class", type=int, default=8, help="sample images shown per class (default: 8)")
     return parser
 
 
 @main_guard
-def main(argv: Optional[Sequence[str]] = None) -> Dict:
+def explore(argv: Optional[Sequence[str]] = None) -> Dict:
+    """The command line's work; returns the summary written to eda.json."""
     args = build_parser().parse_args(argv)
     if args.per_class < 1:
         raise UsageError(f"--per-class must be at least 1, got {args.per_class}")
@@ -97,6 +98,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     samples = plot_samples(data.train, data.class_names, args.per_class, out / "samples.png")
     print(f"wrote {out / 'eda.json'} and {samples}")
     return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:  # None: the console script exits with main()'s value
+    explore(argv)
 
 
 if __name__ == "__main__":

@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @main_guard
-def main(argv: Optional[Sequence[str]] = None) -> str:
+def push_command(argv: Optional[Sequence[str]] = None) -> str:
+    """The command line's work; returns the commit URL."""
     args = build_parser().parse_args(argv)
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -205,6 +206,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     url = push_run(run_dir, args.repo_id, private=args.private)
     print(f"pushed {run_dir} to {args.repo_id}: {url}")
     return url
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:  # None: the console script exits with main()'s value
+    push_command(argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 __all__ = ["CifarResNet", "TapError", "list_taps"]
@@ -62,24 +63,26 @@ class CifarResNet(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.drop_rate = drop_rate
-        self.num_features = widths[-1]
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False),
             nn.BatchNorm2d(widths[0]),
             nn.ReLU(inplace=True),
         )
-        self.feature_info = [dict(num_chs=widths[0], reduction=1, module="stem")]
+        # `module` names the module whose output each feature is, as timm's features_only
+        # wrapper finds it (after flattening the stem and `layers` Sequentials)
+        self.feature_info = [dict(num_chs=widths[0], reduction=1, module="stem.2")]
         stages, in_chs, reduction = [], widths[0], 1
         for index, (depth, width) in enumerate(zip(layers, widths)):
             stride = 1 if index == 0 else 2
             reduction *= stride
             blocks = [BasicBlock(in_chs if b == 0 else width, width, stride if b == 0 else 1) for b in range(depth)]
             stages.append(nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"layer{index + 1}"))
+            self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"layers.{index}"))
             in_chs = width
-        self.layers = nn.ModuleList(stages)
-        self.global_pool = global_pool
-        self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
+        self.layers = nn.Sequential(*stages)  # state_dict keys as a ModuleList: layers.S.B...
+        self.num_features = in_chs
+        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -136,16 +139,13 @@ class CifarResNet(nn.Module):
         return self.forward_head(x), features
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean((2, 3))
+        x = self.global_pool(x)
         if self.drop_rate:
             x = F.dropout(x, self.drop_rate, self.training)
         return x if pre_logits else self.fc(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for stage in self.layers:
-            x = stage(x)
-        return x
+        return self.layers(self.stem(x))
 
     def forward(self, x: torch.Tensor, taps: Sequence[str] = ()):
         if taps:
@@ -158,7 +158,8 @@ class CifarResNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool_type)
 
 
 @torch.no_grad()
@@ -209,7 +210,7 @@ default_cfgs = generate_default_cfgs({name: _cfg() for name in ARCHS})
 def _create(variant: str, pretrained: bool = False, **kwargs) -> CifarResNet:
     model_args = {**ARCHS[variant], **kwargs}
     return build_model_with_cfg(
-        CifarResNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **model_args
+        CifarResNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)), **model_args
     )
 
 

@@ -71,8 +71,7 @@ def make_accelerator(cfg: TrainConfig, run: RunArgs, trackers, precision: device
         mixed_precision=precision.mode,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=trackers or None,
-        project_dir=run.output_dir,
-        dynamo_backend="inductor" if run.compile else None,
+        project_config=tracking.project_config(Path(run.output_dir)),
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
@@ -104,6 +103,25 @@ def loaders(data: CifarData, cfg: TrainConfig, run: RunArgs, accelerator: Accele
     return train, evaluation(data.val), evaluation(data.test)
 
 
+def load_data(accelerator: Accelerator, cfg: TrainConfig, run: RunArgs) -> CifarData:
+    """The main process decodes and caches the dataset first; the others then read the cache.
+    A dataset the main process cannot load stops every process with its one error line (the
+    others would otherwise crash with a traceback in the barrier they wait at)."""
+    load = lambda: load_cifar(run.dataset, cfg.val_size, cfg.max_train_samples, cfg.max_eval_samples)  # noqa: E731
+    data, error = None, None
+    if accelerator.is_main_process:
+        try:
+            data = load()
+        except UsageError as caught:
+            error = caught
+    failed = accelerator.reduce(torch.tensor([error is not None], dtype=torch.int32, device=accelerator.device), reduction="sum")
+    if error is not None:
+        raise error
+    if int(failed.item()):
+        raise UsageError("the main process could not load the dataset")  # printed by the main process only
+    return data if data is not None else load()
+
+
 def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Optional[DistillConfig] = None, extra: Optional[Dict] = None) -> Dict:
     """Train `cfg.model` with the method `make_method` builds; returns the final metrics."""
     check_output_dir(run)
@@ -114,19 +132,19 @@ def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Opt
     precision = device.choose_precision(run.mixed_precision, warn=announce)
     accelerator = make_accelerator(cfg, run, trackers, precision)
     set_seed(cfg.seed)
-    with accelerator.main_process_first():  # the main process decodes and caches; the others read the cache
-        data = load_cifar(run.dataset, cfg.val_size, cfg.max_train_samples, cfg.max_eval_samples)
+    data = load_data(accelerator, cfg, run)
     method = make_method(create_student(cfg, data.num_classes), data, accelerator)
     resolved = resolved_config(cfg, distill, run, extra or {}, data, accelerator, precision)
     if run.resume:
         check_resumable(out, resolved)
+    resolved["tracker_run_id"] = tracking.tracker_run_id(out, run.resume)
     accelerator.wait_for_everyone()  # every process has checked the folder before anything is written
     if accelerator.is_main_process:
         if run.overwrite and not run.resume:
             clear_old_run(out)
         write_json_atomic(out / "run_config.json", resolved)
     accelerator.init_trackers(run.project, config=tracking.flat_config(resolved),
-                              init_kwargs=tracking.init_kwargs(out, run.run_name or out.name, run.tags))
+                              init_kwargs=tracking.init_kwargs(out, run.run_name or out.name, run.tags, resolved["tracker_run_id"]))
     metrics = fit(accelerator, method, data, cfg, run, precision)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -153,13 +171,30 @@ def resolved_config(cfg: TrainConfig, distill, run: RunArgs, extra: Dict, data: 
     }
 
 
+# What a resumed run must share with the run it continues: everything that changes what is
+# learned. The process count and --grad-accum only split the same global batch differently.
+RESUME_MUST_MATCH = ("train", "distill", "role", "method", "teacher", "data")
+RESUME_MAY_CHANGE = ("grad_accum",)
+
+
+def _resume_settings(resolved: Dict) -> Dict:
+    flat = {"dataset": (resolved.get("run") or {}).get("dataset")}
+    for section in RESUME_MUST_MATCH:
+        values = resolved.get(section)
+        if isinstance(values, dict):
+            prefix = "data." if section == "data" else ""
+            flat.update({prefix + k: v for k, v in values.items() if k not in RESUME_MAY_CHANGE})
+        else:
+            flat[section] = values
+    return flat
+
+
 def check_resumable(out: Path, resolved: Dict) -> None:
-    saved = json.loads((out / "run_config.json").read_text())
-    for section in ("train", "distill"):
-        for key, value in (resolved[section] or {}).items():
-            before = (saved.get(section) or {}).get(key)
-            if json.dumps(before) != json.dumps(value):
-                raise UsageError(f"--resume: {key} was {before!r} in this run, now {value!r}; resume with the run's settings or start a new --output-dir")
+    saved, now = _resume_settings(json.loads((out / "run_config.json").read_text())), _resume_settings(resolved)
+    for key in now:
+        if json.dumps(saved.get(key)) != json.dumps(now[key]):
+            raise UsageError(f"--resume: {key} was {saved.get(key)!r} in this run, now {now[key]!r}; "
+                             "resume with the run's settings or start a new --output-dir")
 
 
 def startup_line(accelerator: Accelerator, precision: device.Precision, cfg: TrainConfig, steps_per_epoch: int) -> str:
@@ -186,6 +221,12 @@ def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: Train
         else:
             accelerator.print("--sync-bn: SyncBatchNorm needs CUDA; BatchNorm statistics stay per process")
     optimizer = engine.make_optimizer(method, cfg)
+    if run.compile:
+        # compiled in place, inside DDP: the state_dict keys stay those of an uncompiled run (a
+        # checkpoint resumes with or without --compile), and accelerate's unwrap_model has no
+        # compiled wrapper to rewrite (with dynamo_backend it points the wrapper's _orig_mod past
+        # DDP, and the ranks stop averaging their gradients)
+        method.compile()
     method, optimizer = accelerator.prepare(method, optimizer)
     state = checkpoint.load(accelerator, out / CHECKPOINT) if run.resume else engine.TrainerState()
     steps_per_epoch = len(train_loader) // cfg.grad_accum

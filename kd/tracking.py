@@ -1,7 +1,9 @@
 """Experiment tracking through accelerate's trackers (wandb, tensorboard)."""
 
+import json
 import netrc
 import os
+import uuid
 from pathlib import Path
 from typing import Dict, List
 from urllib.parse import urlsplit
@@ -34,8 +36,28 @@ def resolve_trackers(report_to: str, announce) -> List[str]:
     return trackers
 
 
-def init_kwargs(run_dir: Path, run_name: str, tags) -> Dict:
-    return {"wandb": {"name": run_name, "tags": list(tags), "dir": str(run_dir)}}
+LOGGING_DIR = "tensorboard"  # under the run folder: --overwrite clears it with the rest of the run
+
+
+def project_config(run_dir: Path):
+    """TensorBoard writes to <run>/tensorboard/<project> (accelerate's default is <run>/<project>,
+    which the run's file list does not know)."""
+    from accelerate.utils import ProjectConfiguration
+
+    return ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / LOGGING_DIR))
+
+
+def tracker_run_id(run_dir: Path, resume: bool) -> str:
+    """The wandb run id, kept in run_config.json: --resume logs to the same run, not a new one."""
+    if resume:
+        saved = json.loads((Path(run_dir) / "run_config.json").read_text()).get("tracker_run_id")
+        if saved:
+            return saved
+    return uuid.uuid4().hex[:12]
+
+
+def init_kwargs(run_dir: Path, run_name: str, tags, run_id: str) -> Dict:
+    return {"wandb": {"name": run_name, "tags": list(tags), "dir": str(run_dir), "id": run_id, "resume": "allow"}}
 
 
 def flat_metrics(prefix: str, metrics: Dict) -> Dict[str, float]:

@@ -19,16 +19,19 @@ MAIN_PORT=29500                                       # PLACEHOLDER: a free port
 DATASET=/shared/data/cifar10                          # PLACEHOLDER: local copy (compute nodes often have no internet)
 OUT=/shared/runs/distill-$SLURM_JOB_ID                # PLACEHOLDER: on shared storage
 export KD_CACHE_DIR=/shared/cache/kd                  # decoded dataset cache, shared: decoded once
+BATCH=1024                                            # PLACEHOLDER: global batch over all GPUs
+LR=$(awk "BEGIN {print 0.2 * $BATCH / 512}")          # linear scaling from the default 0.2 per 512 images
 export OMP_NUM_THREADS=8
 # export WANDB_MODE=offline                           # if compute nodes cannot reach wandb; `wandb sync` later
 
 cd "${SLURM_SUBMIT_DIR:-.}"
 # Single quotes: $SLURM_NODEID is expanded by each node's shell, so each launcher gets its own rank.
-srun --kill-on-bad-exit=1 bash -c 'accelerate launch \
+# --cpus-per-task again on srun: since Slurm 22.05 srun no longer inherits it from sbatch
+srun --kill-on-bad-exit=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" bash -c 'accelerate launch \
   --multi_gpu --mixed_precision bf16 --dynamo_backend no \
   --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" \
   --num_processes $(( SLURM_NNODES * '"$GPUS_PER_NODE"' )) \
   --main_process_ip '"$MAIN_ADDR"' --main_process_port '"$MAIN_PORT"' \
   --rdzv_backend static --same_network \
   distill.py --dataset '"$DATASET"' --teacher /shared/runs/teacher --output-dir '"$OUT"' \
-    --mode logits --epochs 240 --batch-size 1024'   # PLACEHOLDER: teacher and hyperparameters
+    --mode logits --epochs 240 --batch-size '"$BATCH"' --lr '"$LR"   # PLACEHOLDER: teacher and hyperparameters

@@ -81,21 +81,76 @@ def free_port() -> int:
 TINY_FLAGS = ["--epochs", "2", "--batch-size", "32", "--val-size", "32", "--report-to", "none", "--lr", "0.05"]
 
 
-def run_script(script: str, *args, processes: int = 1, check: bool = True, env=None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run one of the repo's scripts as a user would: `python script` or, for several
-    processes, `accelerate launch --multi_gpu` on CPU (gloo)."""
+def script_command(script: str, *args, processes: int = 1, env=None, launcher: bool = False):
+    """(command, environment) that run one of the repo's scripts as a user would: `python
+    script` or, for several processes (or with `launcher`), `accelerate launch --quiet` on CPU
+    (gloo), --multi_gpu for several processes."""
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1" if processes > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
-    if processes == 1:
+    if processes == 1 and not launcher:
         command = [sys.executable, str(REPO / script), *map(str, args)]
     else:
         environment["ACCELERATE_USE_CPU"] = "1"
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", *(["--multi_gpu"] if processes > 1 else []),
+                   "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "--main_process_port", str(free_port()), str(REPO / script), *map(str, args)]
+    return command, environment
+
+
+def run_script(script: str, *args, processes: int = 1, check: bool = True, env=None, timeout: int = 600,
+               launcher: bool = False) -> subprocess.CompletedProcess:
+    command, environment = script_command(script, *args, processes=processes, env=env, launcher=launcher)
     result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}")
     return result
+
+
+def kill_after_epochs(script: str, out: Path, epochs: int, *args, processes: int = 1, timeout: int = 300) -> int:
+    """Start a run writing to `out`, kill -9 it (the launcher and every worker) as soon as its
+    history holds `epochs` epochs; returns the number of epochs it had finished."""
+    import signal
+    import time
+
+    import psutil  # an accelerate dependency
+
+    command, environment = script_command(script, "--output-dir", out, *args, processes=processes)
+    process = subprocess.Popen(command, env=environment, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = Path(out) / "history.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not (history.exists() and len(history.read_text().splitlines()) >= epochs):
+        time.sleep(0.02)
+    # torchrun starts each worker in its own session: kill every descendant by its id
+    for child in psutil.Process(process.pid).children(recursive=True) + [psutil.Process(process.pid)]:
+        try:
+            child.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    process.wait()
+    return len(history.read_text().splitlines()) if history.exists() else 0
+
+
+def console_scripts() -> dict:
+    """{installed name: "module:function"} from setup.cfg's [options.entry_points]."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    lines = config["options.entry_points"]["console_scripts"].strip().splitlines()
+    return dict(tuple(part.strip() for part in line.split("=")) for line in lines)
+
+
+def console_script(name: str) -> str:
+    """The installed wrapper of a console script, next to this Python (the project's venv)."""
+    path = Path(sys.executable).parent / name
+    assert path.exists(), f"{name} is not installed next to {sys.executable}; run pip install -e ."
+    return str(path)
+
+
+def run_console_script(name: str, *args, env=None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run an installed console script by its name, with this checkout's code."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([console_script(name), *map(str, args)], capture_output=True, text=True, env=environment, cwd=REPO,
+                          timeout=timeout)
 
 
 def read_json(path: Path):

@@ -29,6 +29,48 @@ def test_training_scripts_have_no_teacher_flags():
     assert "--lr" in options and "--teacher" not in options and "--mode" not in options
 
 
-def test_default_dataset_is_the_hub_id(monkeypatch):
-    _, _, run = parse(parser(), [])
-    assert run.dataset == "uoft-cs/cifar10"
+def test_default_dataset_is_kd_dataset_else_the_hub_id(monkeypatch):
+    monkeypatch.delenv("KD_DATASET", raising=False)
+    assert parse(parser(), [])[2].dataset == "uoft-cs/cifar10"
+    monkeypatch.setenv("KD_DATASET", "/data/cifar10")  # read when the command line is parsed, not at import
+    assert parse(parser(), [])[2].dataset == "/data/cifar10"
+
+
+@pytest.mark.parametrize("line,message", [
+    ("mode: nope", "mode: 'nope' is not one of logits, hidden, hidden-trained, hybrid, at"),
+    ("report_to: x", "report_to: 'x' is not one of wandb, tensorboard, all, none"),
+    ("mixed_precision: fp32", "mixed_precision: 'fp32' is not one of no, bf16, fp16"),
+    ("epochs: ten", "epochs: 'ten' is not a valid int"),
+    ("lr: [1, 2]", "lr: [1, 2] is not a single float value"),
+    ("channels_last: maybe", "channels_last: 'maybe' is not one of true, false"),
+    ("epocs: 7", "unknown option 'epocs'; valid options: model, epochs,"),
+])
+def test_bad_yaml_value_names_the_file_the_key_and_the_valid_values(line, message, tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(line + "\n")
+    with pytest.raises(UsageError) as error:
+        parse(parser(), ["--config", str(preset)])
+    assert str(error.value).startswith(f"config file {preset}: ") and message in str(error.value)
+
+
+def test_yaml_values_are_parsed_as_the_command_line_parses_them(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("mixed_precision: no\nlr: 1e-3\nchannels_last: false\ntags: one\nmax_train_samples: null\n")
+    train, _, run = parse(parser(), ["--config", str(preset)])
+    assert (run.mixed_precision, train.lr, run.channels_last, run.tags, train.max_train_samples) == ("no", 1e-3, False, ("one",), None)
+
+
+def test_bad_preset_under_a_script_is_one_line(tiny_dataset, tmp_path):
+    from conftest import run_script
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("report_to: x\n")
+    result = run_script("train_student.py", "--config", preset, "--dataset", tiny_dataset, "--output-dir", tmp_path / "out", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: config file {preset}: report_to:"), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_channels_last_is_on_by_default_and_no_channels_last_turns_it_off():
+    assert parse(parser(), [])[2].channels_last is True
+    assert parse(parser(), ["--no-channels-last"])[2].channels_last is False

@@ -1,5 +1,6 @@
 """The distillation methods: their losses, the frozen teacher, and every mode end to end."""
 
+import json
 import math
 
 import pytest
@@ -87,20 +88,77 @@ def test_hidden_trained_adapts_any_pair_of_shapes():
     assert torch.isfinite(terms["loss_hidden"])
 
 
+# which terms each weight scales, per mode (the logits term's alpha: test_logits_loss_weights...)
+WEIGHTED = {
+    "logits": {},
+    "hidden": {"hidden_factor": ["loss_hidden"]},
+    "hidden-trained": {"hidden_factor": ["loss_hidden"]},
+    "hybrid": {"hidden_factor": ["loss_hidden"], "logits_factor": ["loss_ce", "loss_kd"]},
+    "at": {"at_beta": ["loss_at"]},
+}
+
+
 def test_every_registered_mode_builds_and_returns_weighted_terms():
-    for mode in DISTILLERS:
-        method, _ = _build(mode)
-        logits, terms = method(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))
-        assert logits.shape == (2, 10) and terms and all(v.ndim == 0 and torch.isfinite(v) for v in terms.values())
+    """Each weight scales its own terms, and only them: hidden_factor, logits_factor, at_beta."""
+    assert set(WEIGHTED) == set(DISTILLERS)  # a new mode says which terms its weights scale
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+
+    def terms(mode, **overrides):
+        torch.manual_seed(0)  # the same student, teacher and adapter weights every time
+        method, _ = _build(mode, **overrides)
+        logits, values = method.eval()(images, labels)
+        assert logits.shape == (2, 10) and values and all(v.ndim == 0 and torch.isfinite(v) for v in values.values())
+        return {k: v.item() for k, v in values.items()}
+
+    for mode, weights in WEIGHTED.items():
+        base = terms(mode)
+        for weight, scaled in weights.items():
+            tripled = terms(mode, **{weight: 3 * getattr(DistillConfig(), weight)})
+            for name, value in base.items():
+                assert tripled[name] == pytest.approx(3 * value if name in scaled else value, rel=1e-5), (mode, weight, name)
+
+
+@pytest.fixture(scope="module")
+def accumulated_runs(tiny_dataset, tiny_teacher, tmp_path_factory):
+    """One run per mode on one process with two micro-batches per step (--grad-accum 2): the
+    BatchNorm batches of two processes. Made on first use, kept for the module."""
+    runs = {}
+
+    def run(mode):
+        if mode not in runs:
+            out = tmp_path_factory.mktemp("accum") / mode
+            runs[mode] = (out, run_script("distill.py", *_e2e_args(mode, tiny_dataset, tiny_teacher, out), "--grad-accum", "2"))
+        return runs[mode]
+
+    return run
+
+
+def _e2e_args(mode, dataset, teacher, out):
+    return ["--mode", mode, "--teacher", teacher, "--dataset", dataset, "--model", "cifar_resnet8", "--student-layer", "layer2",
+            "--teacher-layer", "layer2", "--output-dir", out, *TINY_FLAGS, "--mixed-precision", "no"]
+
+
+def _history(run):
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("processes", [1, 2])
 @pytest.mark.parametrize("mode", list(DISTILLERS))
-def test_distill_end_to_end(mode, processes, tiny_dataset, tiny_teacher, tmp_path):
-    out = tmp_path / mode
+def test_distill_end_to_end(mode, processes, tiny_dataset, tiny_teacher, accumulated_runs, tmp_path):
+    """One process accumulating two micro-batches, and two processes, which must train exactly
+    like it (the same images, order, augmentation and BatchNorm batches per step)."""
     before = load_file(tiny_teacher / "model.safetensors")
-    result = run_script("distill.py", "--mode", mode, "--teacher", tiny_teacher, "--dataset", tiny_dataset, "--model", "cifar_resnet8",
-                        "--student-layer", "layer2", "--teacher-layer", "layer2", "--output-dir", out, *TINY_FLAGS, processes=processes)
+    if processes == 1:
+        out, result = accumulated_runs(mode)
+    else:
+        out = tmp_path / mode
+        result = run_script("distill.py", *_e2e_args(mode, tiny_dataset, tiny_teacher, out), processes=2)
+        accumulated = _history(accumulated_runs(mode)[0])
+        ours = _history(out)
+        assert [(h["step"], h["lr"]) for h in ours] == [(h["step"], h["lr"]) for h in accumulated]
+        for a, b in zip(ours, accumulated):
+            for term in (k for k in a if k.startswith("loss")):
+                assert a[term] == pytest.approx(b[term], rel=1e-3), (term, ours, accumulated)
     metrics = read_json(out / "metrics.json")
     assert metrics["test"]["num_samples"] == 64 and metrics["test"]["accuracy"] > 0.5  # 4 colours: chance is 0.25
     resolved = read_json(out / "run_config.json")
@@ -144,3 +202,79 @@ def test_teacher_with_other_number_of_classes(tiny_teacher, tmp_path):
 def test_missing_teacher_says_train_one_first(tiny_dataset, tmp_path):
     result = run_script("distill.py", "--teacher", tmp_path / "none", "--dataset", tiny_dataset, "--output-dir", tmp_path / "x", check=False)
     assert result.returncode == 2 and "accelerate launch train_teacher.py" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_at_loss_equals_hand_computed_value():
+    from kd.distillers.attention import at_loss
+
+    student = torch.tensor([[[[1.0, 2.0]], [[3.0, 0.0]]]])  # 1 image, 2 channels, 1x2 positions
+    teacher = torch.tensor([[[[0.0, 1.0]], [[2.0, 2.0]], [[1.0, 1.0]]]])  # 3 channels
+    a_s = [(1 + 9) / 2, (4 + 0) / 2]  # channel mean of the squares: [5, 2]
+    a_t = [(0 + 4 + 1) / 3, (1 + 4 + 1) / 3]  # [5/3, 2]
+    a_s = [v / math.hypot(*a_s) for v in a_s]
+    a_t = [v / math.hypot(*a_t) for v in a_t]
+    per_stage = sum((s - t) ** 2 for s, t in zip(a_s, a_t)) / 2  # mean over the 2 positions
+    beta = 1000.0
+    assert at_loss([student, student], [teacher, teacher], beta).item() == pytest.approx(beta / 2 * 2 * per_stage, rel=1e-6)
+
+
+def test_attention_map_of_fp16_features_above_256_is_finite_and_exact():
+    from kd.distillers.attention import attention_map
+
+    features = torch.rand(2, 8, 4, 4) * 1000 + 300  # every square overflows fp16 (max 65504)
+    half = attention_map(features.half())
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    torch.testing.assert_close(half, attention_map(features.half().float()), rtol=0, atol=0)
+
+
+def test_teacher_sees_images_normalised_with_its_own_statistics():
+    """Batches are normalised with the student run's statistics; a teacher trained on other
+    statistics (its exported pretrained_cfg mean/std) must get its own normalisation back."""
+    torch.manual_seed(0)
+    model = timm.create_model("cifar_resnet8", num_classes=4).eval()
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.2, 0.5, 0.7), "std": (0.1, 0.3, 0.2)}
+    student_mean, student_std = (0.45, 0.4, 0.35), (0.25, 0.2, 0.3)
+    raw = torch.rand(4, 3, 32, 32)
+    as_student = (raw - torch.tensor(student_mean).view(1, 3, 1, 1)) / torch.tensor(student_std).view(1, 3, 1, 1)
+    as_teacher = (raw - torch.tensor((0.2, 0.5, 0.7)).view(1, 3, 1, 1)) / torch.tensor((0.1, 0.3, 0.2)).view(1, 3, 1, 1)
+    teacher = FrozenTeacher(model).match_input(student_mean, student_std)
+    with torch.no_grad():
+        expected_logits, expected_taps = model.forward_taps(as_teacher, ["layer1"])
+    torch.testing.assert_close(teacher.logits(as_student), expected_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(teacher.taps(as_student, ["layer1"])["layer1"], expected_taps["layer1"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(teacher.logits_and_taps(as_student, ["layer1"])[0], expected_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(model(as_student), expected_logits, atol=1e-2)  # the statistics really differ
+    same = FrozenTeacher(model).match_input((0.2, 0.5, 0.7), (0.1, 0.3, 0.2))
+    assert torch.equal(same.logits(as_teacher), model(as_teacher))  # equal statistics: the batch goes in unchanged
+
+
+def test_killed_distillation_resumes_as_if_uninterrupted_and_refuses_other_data_or_teacher(tiny_dataset, tiny_teacher, tmp_path):
+    """hidden-trained carries an adapter and SGD momentum for it: both come back from the
+    checkpoint, so the resumed run equals an uninterrupted one. A resume with another dataset
+    or teacher would train something else under the same run: refused in one line."""
+    from conftest import kill_after_epochs, write_tiny_cifar
+
+    args = ["--mode", "hidden-trained", "--teacher", tiny_teacher, "--dataset", tiny_dataset, "--model", "cifar_resnet8",
+            *TINY_FLAGS, "--epochs", "3", "--mixed-precision", "no"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run_script("distill.py", *args, "--output-dir", whole)
+    assert 1 <= kill_after_epochs("distill.py", killed, 1, *args) < 3
+    state = (killed / "checkpoint" / "trainer_state.json").read_text()
+
+    other_data = write_tiny_cifar(tmp_path / "other-data", seed=1)
+    other_teacher = tmp_path / "other-teacher"
+    other_teacher.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (other_teacher / name).write_bytes((tiny_teacher / name).read_bytes())
+    for flag, value in (("--dataset", other_data), ("--teacher", other_teacher)):
+        changed = [value if previous == flag else a for previous, a in zip([None, *args], args)]
+        result = run_script("distill.py", *changed, "--output-dir", killed, "--resume", check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert lines[0].startswith(f"error: --resume: {flag[2:]} was ") and str(value) in lines[0]
+    assert (killed / "checkpoint" / "trainer_state.json").read_text() == state  # refused before anything was written
+
+    run_script("distill.py", *args, "--output-dir", killed, "--resume")
+    assert read_json(killed / "metrics.json") == read_json(whole / "metrics.json")
+    losses = lambda run: [json.loads(line)["loss"] for line in (run / "history.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(killed) == losses(whole)

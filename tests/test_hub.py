@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, read_json
+from conftest import REPO, console_script, read_json
 from kd.errors import RunError
 from kd.hub import push_run, write_model_card
 from kd.plots import plot_history
@@ -135,9 +135,10 @@ def hub_env(endpoint: str) -> dict:
 
 def test_push_uploads_model_card_and_results_but_no_checkpoint(run_dir, fake_hub):
     endpoint, received = fake_hub
-    result = subprocess.run([sys.executable, "-m", "kd.hub", "push", str(run_dir), "--repo-id", "someone/model", "--private"],
+    # by the installed name: its wrapper exits with main()'s value, so a returned URL would exit 1
+    result = subprocess.run([console_script("kd-push"), "push", str(run_dir), "--repo-id", "someone/model", "--private"],
                             capture_output=True, text=True, env=hub_env(endpoint), cwd=REPO, timeout=300)
-    assert result.returncode == 0, (result.stderr, received.get("unexpected"))
+    assert result.returncode == 0 and result.stderr == "", (result.stderr, received.get("unexpected"))
     create = received["create"]
     assert (create["name"], create["organization"], create["visibility"]) == ("model", "someone", "private")
     assert received["auth"] == "Bearer hf_test_token"

@@ -107,3 +107,37 @@ def test_credentials_are_looked_up_where_wandb_looks(tmp_path, monkeypatch, no_w
     monkeypatch.setenv("WANDB_BASE_URL", "https://other.example.com")  # no key for this one: offline, said once
     assert resolve_trackers("wandb", notices.append) == ["wandb"] and len(notices) == 1
     assert os.environ["WANDB_MODE"] == "offline"
+
+
+def wandb_run_ids(run_dir: Path):
+    """The run id of every offline wandb run written under run_dir/wandb, oldest first."""
+    ids = []
+    for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+        ids += [record.run.run_id for record in wandb_records(path) if record.WhichOneof("record_type") == "run"][:1]
+    return ids
+
+
+def test_resume_continues_the_same_wandb_run(tiny_dataset, tmp_path, no_wandb_settings):
+    out = tmp_path / "run"
+    train_with_wandb(tiny_dataset, out, env={"WANDB_MODE": "offline"})
+    run_id = read_json(out / "run_config.json")["tracker_run_id"]
+    run_script("train_student.py", "--dataset", tiny_dataset, "--model", "cifar_resnet8", "--output-dir", out, *TINY_FLAGS,
+               "--report-to", "wandb", "--run-name", "tiny-student", "--resume", env={"WANDB_MODE": "offline"})
+    assert wandb_run_ids(out) == [run_id, run_id]  # one wandb run, written in two sessions
+    assert read_json(out / "run_config.json")["tracker_run_id"] == run_id
+
+
+def test_tensorboard_writes_inside_the_run_folder_and_overwrite_replaces_the_run(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    args = ["--dataset", tiny_dataset, "--model", "cifar_resnet8", "--output-dir", out, *TINY_FLAGS, "--epochs", "1",
+            "--report-to", "tensorboard", "--project", "proj"]
+    run_script("train_student.py", *args)
+    events = set(out.rglob("events.out.tfevents.*"))  # the scalars, and the hparams in a subfolder
+    assert events and all((out / "tensorboard" / "proj") in path.parents for path in events), events
+    first_id = read_json(out / "run_config.json")["tracker_run_id"]
+    run_script("train_student.py", *args, "--overwrite", "--seed", "1")
+    after = set(out.rglob("events.out.tfevents.*"))
+    assert len(after) == len(events) and not after & events, after  # the first run's events are gone, not mixed in
+    resolved = read_json(out / "run_config.json")  # --overwrite: a new run, nothing carried over
+    assert resolved["train"]["seed"] == 1 and resolved["tracker_run_id"] != first_id
+    assert len((out / "history.jsonl").read_text().splitlines()) == 1 and read_json(out / "metrics.json")["epochs"] == 1

@@ -15,8 +15,9 @@ STAGES = ("layer1", "layer2", "layer3")
 
 def attention_map(features: torch.Tensor) -> torch.Tensor:
     """Per image, the channel mean of the squared activations, flattened and L2-normalised."""
-    # the mean accumulates in fp32 without an fp32 copy of the whole feature map
-    return F.normalize((features * features).mean(1, dtype=torch.float32).flatten(1), dim=1)
+    # squared in fp32: fp16 overflows past 256**2 (activations above 256 are common in late
+    # stages); the fp32 copy of the map lives only for this line
+    return F.normalize(features.float().square().mean(1).flatten(1), dim=1)
 
 
 def at_loss(student_maps, teacher_maps, beta: float) -> torch.Tensor:

@@ -16,23 +16,44 @@ class FrozenTeacher:
 
     def __init__(self, model: nn.Module):
         self.model = model.requires_grad_(False).eval()
+        self.scale = self.shift = None  # batch normalisation -> the teacher's (see match_input)
+
+    def match_input(self, mean: Sequence[float], std: Sequence[float]) -> "FrozenTeacher":
+        """Batches come normalised with the student run's (mean, std); the teacher was trained
+        on its own (its pretrained_cfg, exported with it). Per channel,
+        x_t = (x * std + mean - mean_t) / std_t = x * scale + shift."""
+        mean_t, std_t = (torch.tensor(self.model.pretrained_cfg[k], dtype=torch.float64) for k in ("mean", "std"))
+        mean, std = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+        if torch.equal(mean, mean_t) and torch.equal(std, std_t):
+            self.scale = self.shift = None  # the same statistics: the batch goes in as it is
+        else:
+            device = next(self.model.parameters()).device
+            self.scale = (std / std_t).float().view(1, -1, 1, 1).to(device)
+            self.shift = ((mean - mean_t) / std_t).float().view(1, -1, 1, 1).to(device)
+        return self
 
     def to(self, *args, **kwargs) -> "FrozenTeacher":
         self.model.to(*args, **kwargs)
+        if self.scale is not None:
+            device = next(self.model.parameters()).device
+            self.scale, self.shift = self.scale.to(device), self.shift.to(device)
         return self
+
+    def _input(self, images: torch.Tensor) -> torch.Tensor:
+        return images if self.scale is None else images * self.scale + self.shift
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        return self.model(self._input(images))
 
     @torch.no_grad()
     def taps(self, images: torch.Tensor, names: Sequence[str]) -> Dict[str, torch.Tensor]:
         """Feature maps; the teacher stops at the last one and runs nothing after it."""
-        return self.model.forward_taps(images, names, stop_early=True)[1]
+        return self.model.forward_taps(self._input(images), names, stop_early=True)[1]
 
     @torch.no_grad()
     def logits_and_taps(self, images: torch.Tensor, names: Sequence[str]):
-        return self.model.forward_taps(images, names)
+        return self.model.forward_taps(self._input(images), names)
 
 
 class Distiller(nn.Module):
