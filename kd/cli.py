@@ -58,7 +58,7 @@ def distill_main(argv: Optional[Sequence[str]] = None):
 
     def make_method(student, data, accelerator):
         check_teacher(teacher.model, run.teacher, data.num_classes, data.train.images.shape[1:])
-        method = build_distiller(distill.mode, student, teacher, distill, cfg.label_smoothing)
+        method = build_distiller(distill.mode, student, teacher, distill, cfg.label_smoothing, num_train=len(data.train))
         teacher.to(accelerator.device)
         return method
 

@@ -51,7 +51,7 @@ def test_logits_loss_weights_and_alpha_zero_is_cross_entropy():
 def _build(mode, student="cifar_resnet8x4", teacher="cifar_resnet14x4", **overrides):
     cfg = DistillConfig(mode=mode, **overrides)
     frozen = FrozenTeacher(timm.create_model(teacher, num_classes=10))
-    return build_distiller(mode, timm.create_model(student, num_classes=10), frozen, cfg), frozen
+    return build_distiller(mode, timm.create_model(student, num_classes=10), frozen, cfg, num_train=8), frozen
 
 
 def test_hidden_never_runs_the_teacher_after_its_tap():
@@ -90,7 +90,7 @@ def test_hidden_trained_adapts_any_pair_of_shapes():
 def test_every_registered_mode_builds_and_returns_weighted_terms():
     for mode in DISTILLERS:
         method, _ = _build(mode)
-        logits, terms = method(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))
+        logits, terms = method(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)), torch.arange(2))
         assert logits.shape == (2, 10) and terms and all(v.ndim == 0 and torch.isfinite(v) for v in terms.values())
 
 
@@ -106,10 +106,11 @@ def test_distill_end_to_end(mode, processes, tiny_dataset, tiny_teacher, tmp_pat
     resolved = read_json(out / "run_config.json")
     assert resolved["method"] == mode and resolved["num_processes"] == processes and resolved["teacher"] == str(tiny_teacher)
     history = (out / "history.jsonl").read_text()
-    expected_term = {"logits": "loss_kd", "hidden": "loss_hidden", "hidden-trained": "loss_hidden", "hybrid": "loss_kd", "at": "loss_at"}[mode]
+    expected_term = {"logits": "loss_kd", "hidden": "loss_hidden", "hidden-trained": "loss_hidden", "hybrid": "loss_kd", "at": "loss_at",
+                     "dkd": "loss_nckd", "dist": "loss_inter", "crd": "loss_crd"}[mode]
     assert expected_term in history and expected_term in result.stdout
     exported = load_file(out / "model.safetensors")
-    assert not any(k.startswith("adapter") for k in exported) and "fc.weight" in exported
+    assert not any(k.startswith(("adapter", "embed", "bank")) for k in exported) and "fc.weight" in exported
     after = load_file(tiny_teacher / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)  # the teacher is untouched
 

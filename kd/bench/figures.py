@@ -98,10 +98,10 @@ def input_pipeline(data: CifarData, s: Settings) -> List[Row]:
                 note=f"ours: {s.threads} thread(s) in the training process; usual: 2 worker processes, decoding each time")]
 
 
-def _method_step(method, optimizer, images, labels):
+def _method_step(method, optimizer, images, labels, index):
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, terms = method(images, labels)
+            _, terms = method(images, labels, index)
         sum(terms.values()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -113,14 +113,16 @@ def distillation(data: CifarData, s: Settings) -> List[Row]:
     """Figure 3: one training step of every method (8x4 student, 14x4 teacher) on one batch,
     against plain student training and against a student step plus a teacher forward."""
     images, labels = _batches(data, s.distill_batch_size, s.distill_batch_size)[0]
+    index = torch.arange(len(labels))  # their dataset indices: the first training images, in order
     student = create_model(STUDENT, data.num_classes)
     teacher = FrozenTeacher(create_model(TEACHER, data.num_classes, seed=1))
     cfg = TrainConfig()
     methods = {"student": Supervised(copy.deepcopy(student))}
-    methods.update({mode: build_distiller(mode, copy.deepcopy(student), teacher, DistillConfig(mode=mode)) for mode in DISTILLERS})
-    steps = {name: _method_step(m.train(), make_optimizer(m, cfg), images, labels) for name, m in methods.items()}
+    methods.update({mode: build_distiller(mode, copy.deepcopy(student), teacher, DistillConfig(mode=mode), num_train=len(data.train))
+                    for mode in DISTILLERS})
+    steps = {name: _method_step(m.train(), make_optimizer(m, cfg), images, labels, index) for name, m in methods.items()}
     reference_student = Supervised(copy.deepcopy(student)).train()
-    student_step = _method_step(reference_student, make_optimizer(reference_student, cfg), images, labels)
+    student_step = _method_step(reference_student, make_optimizer(reference_student, cfg), images, labels, index)
 
     def reference() -> None:  # what logits KD must cost at least: a student step and a teacher forward
         student_step()

@@ -102,7 +102,8 @@ def memory_job(kind: str, dataset: Optional[str], batch_size: int, steps: int, n
     if kind in ("student", "teacher"):
         method = Supervised(student)
     else:
-        method = build_distiller(kind, student, FrozenTeacher(create_model(TEACHER, num_classes, seed=1)), DistillConfig(mode=kind))
+        method = build_distiller(kind, student, FrozenTeacher(create_model(TEACHER, num_classes, seed=1)), DistillConfig(mode=kind),
+                                 num_train=len(split))
     cfg = TrainConfig(batch_size=batch_size, epochs=1)
     optimizer = make_optimizer(method, cfg)
     method, optimizer = accelerator.prepare(method, optimizer)
