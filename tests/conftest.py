@@ -105,3 +105,21 @@ def tiny_teacher(tiny_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher") / "run"
     run_script("train_teacher.py", "--dataset", tiny_dataset, "--model", "cifar_resnet8", "--output-dir", out, *TINY_FLAGS)
     return out
+
+
+def run_killed(script: str, args, history_lines: int, timeout: int = 300) -> int:
+    """Start `script args` (one process) and SIGKILL it once its history.jsonl holds at least
+    `history_lines` epochs; returns the number of epochs it had completed."""
+    import signal
+    import time
+
+    out = Path(args[list(map(str, args)).index("--output-dir") + 1])
+    process = subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], env={**os.environ, "PYTHONPATH": str(REPO)},
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = out / "history.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (history.exists() and len(history.read_text().splitlines()) >= history_lines):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return len(history.read_text().splitlines()) if history.exists() else 0

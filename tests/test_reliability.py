@@ -2,16 +2,14 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_FLAGS, read_json, run_script, write_tiny_cifar
+from conftest import REPO, TINY_FLAGS, read_json, run_killed, run_script, write_tiny_cifar
 
 
 def one_line_error(result, code=2):
@@ -104,16 +102,8 @@ def test_kill_then_resume_equals_an_uninterrupted_run(tiny_dataset, tmp_path):
     whole = tmp_path / "whole"
     run_script("train_student.py", *_train_args(tiny_dataset, whole))
     killed = tmp_path / "killed"
-    environment = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, str(REPO / "train_student.py"), *map(str, _train_args(tiny_dataset, killed))],
-                               env=environment, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     history = killed / "history.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (history.exists() and len(history.read_text().splitlines()) >= 2):
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done = len(history.read_text().splitlines())
+    done = run_killed("train_student.py", _train_args(tiny_dataset, killed), history_lines=2)
     assert 2 <= done < 6, "the run was not killed mid-training"
     assert not (killed / "metrics.json").exists()
     # every file a kill left behind is complete
