@@ -65,7 +65,8 @@ def train_one_epoch(accelerator: Accelerator, model, optimizer, loader: DeviceLo
         lr = learning_rate(state.step, total_steps, warmup_steps, cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        method.set_progress(state.epoch + micro_step / micro_steps, cfg.epochs)  # for methods with schedules (DKD's warm-up)
+        # for methods with schedules (DKD's warm-up); counted in optimizer steps, as the processes count them
+        method.set_progress(state.epoch + micro_step // cfg.grad_accum * cfg.grad_accum / micro_steps, cfg.epochs)
         with accelerator.accumulate(model):
             _, terms = model(images, labels, index)  # index: dataset indices, for per-image state (CRD's banks)
             loss = sum(terms.values())
