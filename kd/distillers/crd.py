@@ -1,15 +1,8 @@
 """Contrastive representation distillation (Tian, Krishnan & Isola 2020, "Contrastive
 Representation Distillation", ICLR, arXiv:1910.10699): an image's student embedding must pick
 the teacher's memory of the same image out of K others (and vice versa), scored by NCE.
-
-Deviations from the reference code (HobbitLong/RepDistiller), on purpose:
-- its NCE normaliser Z is fixed from the first batch; here it is re-estimated, detached, on
-  every batch (the same Monte-Carlo estimate, without one more piece of state to resume);
-- the banks are updated once per optimizer step with the embeddings gathered from every
-  process, so all processes hold one bank and N processes equal one process accumulating N
-  micro-batches;
-- negatives come from a hash of (epoch, image index, k), not an RNG: the same whichever
-  process holds the image, and after a resume."""
+Unlike the reference code, Z is re-estimated on every batch (no state to resume), the banks
+take every process's embeddings once per optimizer step, and negatives come from a hash."""
 
 import math
 
@@ -66,8 +59,6 @@ class CRD(Distiller):
         self.epoch = int(epoch)
 
     def forward(self, images, labels, index=None):
-        if index is None:
-            raise ValueError("crd needs the batch's dataset indices: method(images, labels, index)")
         logits, features = self.student(images, taps=(self.stage,))
         teacher_features = self.teacher.taps(images, [self.teacher.model.tap_names()[-1]])
         embed_s = F.normalize(self.embed_student(features[self.stage].mean((2, 3))).float(), dim=1)
