@@ -61,7 +61,7 @@ def distill(argv: Optional[Sequence[str]] = None) -> Optional[Dict]:
     def make_method(student, data, accelerator):
         check_teacher(teacher.model, run.teacher, data.num_classes, data.train.images.shape[1:])
         teacher.match_input(data.mean, data.std)  # each model sees images normalised as it was trained
-        method = build_distiller(distill.mode, student, teacher, distill, cfg.label_smoothing)
+        method = build_distiller(distill.mode, student, teacher, distill, cfg.label_smoothing, num_train=len(data.train))
         teacher.to(accelerator.device)
         return method
 

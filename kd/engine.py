@@ -58,14 +58,17 @@ def train_one_epoch(accelerator: Accelerator, model, optimizer, loader: DeviceLo
     micro_steps = len(loader) // cfg.grad_accum * cfg.grad_accum  # whole optimizer steps only
     bar = tqdm(total=micro_steps, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not (accelerator.is_local_main_process and sys.stderr.isatty()), leave=False)
     images_seen, start = 0, time.perf_counter()
-    for micro_step, (images, labels, _) in enumerate(loader):
+    method = accelerator.unwrap_model(model)
+    for micro_step, (images, labels, index) in enumerate(loader):
         if micro_step == micro_steps:
             break
         lr = learning_rate(state.step, total_steps, warmup_steps, cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # for methods with schedules (DKD's warm-up); counted in optimizer steps, as the processes count them
+        method.set_progress(state.epoch + micro_step // cfg.grad_accum * cfg.grad_accum / micro_steps, cfg.epochs)
         with accelerator.accumulate(model):
-            _, terms = model(images, labels)
+            _, terms = model(images, labels, index)  # index: dataset indices, for per-image state (CRD's banks)
             loss = sum(terms.values())
             accelerator.backward(loss)
             optimizer.step()

@@ -111,10 +111,10 @@ def input_pipeline(data: CifarData, s: Settings) -> List[Row]:
                 note=f"ours: {s.threads} thread(s) in the training process; usual: 2 worker processes, decoding each time")]
 
 
-def _method_step(method, optimizer, images, labels, precision: str):
+def _method_step(method, optimizer, images, labels, index, precision: str):
     def step() -> None:
         with devices.autocast(images.device.type, precision):
-            _, terms = method(images, labels)
+            _, terms = method(images, labels, index)
         sum(terms.values()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -126,15 +126,17 @@ def distillation(data: CifarData, s: Settings) -> List[Row]:
     """Figure 3: one training step of every method (8x4 student, 14x4 teacher) on one batch,
     against plain student training and against a student step plus a teacher forward."""
     images, labels = _batches(data, s.distill_batch_size, s.distill_batch_size, s.device_type)[0]
+    index = torch.arange(len(labels), device=s.device_type)  # their dataset indices: the first training images, in order
     student = create_model(STUDENT, data.num_classes, device_type=s.device_type)
     teacher = FrozenTeacher(create_model(TEACHER, data.num_classes, seed=1, device_type=s.device_type))
     cfg = TrainConfig()
     methods = {"student": Supervised(copy.deepcopy(student))}
-    methods.update({mode: build_distiller(mode, copy.deepcopy(student), teacher, DistillConfig(mode=mode)) for mode in DISTILLERS})
-    methods = {name: m.to(s.device_type).train() for name, m in methods.items()}  # adapters are created on the CPU
-    steps = {name: _method_step(m, make_optimizer(m, cfg), images, labels, s.precision) for name, m in methods.items()}
+    methods.update({mode: build_distiller(mode, copy.deepcopy(student), teacher, DistillConfig(mode=mode), num_train=len(data.train))
+                    for mode in DISTILLERS})
+    methods = {name: m.to(s.device_type).train() for name, m in methods.items()}  # adapters, heads and banks are made on the CPU
+    steps = {name: _method_step(m, make_optimizer(m, cfg), images, labels, index, s.precision) for name, m in methods.items()}
     reference_student = Supervised(copy.deepcopy(student)).train()
-    student_step = _method_step(reference_student, make_optimizer(reference_student, cfg), images, labels, s.precision)
+    student_step = _method_step(reference_student, make_optimizer(reference_student, cfg), images, labels, index, s.precision)
 
     def reference() -> None:  # what logits KD must cost at least: a student step and a teacher forward
         student_step()

@@ -2,9 +2,13 @@
 
 from kd.distillers.attention import AttentionTransfer
 from kd.distillers.base import Distiller, FrozenTeacher, Supervised
+from kd.distillers.crd import CRD
+from kd.distillers.dist import DIST
+from kd.distillers.dkd import DKD
 from kd.distillers.hidden import HiddenMSE, HiddenTrained
 from kd.distillers.hybrid import Hybrid
 from kd.distillers.logits import LogitsKD, kd_loss
+from kd.errors import UsageError
 
 DISTILLERS = {
     "logits": LogitsKD,
@@ -12,11 +16,18 @@ DISTILLERS = {
     "hidden-trained": HiddenTrained,
     "hybrid": Hybrid,
     "at": AttentionTransfer,
+    "dkd": DKD,
+    "dist": DIST,
+    "crd": CRD,
 }
 
 
-def build_distiller(mode: str, student, teacher: FrozenTeacher, cfg, label_smoothing: float = 0.0) -> Distiller:
-    return DISTILLERS[mode].from_config(student, teacher, cfg, label_smoothing=label_smoothing)
+def build_distiller(mode: str, student, teacher: FrozenTeacher, cfg, label_smoothing: float = 0.0, num_train: int = None) -> Distiller:
+    """`num_train`: the training-set size, for methods that keep per-image state (crd)."""
+    if cfg.logit_standardization and not DISTILLERS[mode].standardizable:
+        standardizable = ", ".join(m for m, c in DISTILLERS.items() if c.standardizable)
+        raise UsageError(f"--logit-standardization needs a mode with a logits term ({standardizable}), not --mode {mode}")
+    return DISTILLERS[mode].from_config(student, teacher, cfg, label_smoothing=label_smoothing, num_train=num_train)
 
 
 __all__ = ["DISTILLERS", "Distiller", "FrozenTeacher", "Supervised", "build_distiller", "kd_loss"]

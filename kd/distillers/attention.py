@@ -33,7 +33,7 @@ class AttentionTransfer(Distiller):
         super().__init__(student, teacher, **kwargs)
         self.beta = beta
 
-    def forward(self, images, labels):
+    def forward(self, images, labels, index=None):
         logits, features = self.student(images, taps=STAGES)
         targets = self.teacher.taps(images, STAGES)  # the teacher's head is never run
         terms = {"loss_ce": self.cross_entropy(logits, labels)}

@@ -57,15 +57,23 @@ class FrozenTeacher:
 
 
 class Distiller(nn.Module):
-    """A training method: forward(images, labels) -> (student logits, {name: weighted loss}).
+    """A training method: forward(images, labels, index) -> (student logits, {name: weighted
+    loss}); `index` holds the images' dataset indices, for methods that keep per-image state.
     The trainer sums the dict; it never knows which method runs. Learnable extras (an
     adapter) are submodules, so DDP, the optimizer and the checkpoint all see them."""
 
-    def __init__(self, student: nn.Module, teacher: FrozenTeacher = None, label_smoothing: float = 0.0):
+    standardizable = False  # has a temperature-softmax logits term that --logit-standardization z-scores
+
+    def __init__(self, student: nn.Module, teacher: FrozenTeacher = None, label_smoothing: float = 0.0, num_train: int = None):
         super().__init__()
         self.student = student
         self.teacher = teacher  # a plain object, not a submodule (see FrozenTeacher)
         self.label_smoothing = label_smoothing
+        self.num_train = num_train  # training images, for methods with per-image state (CRD's banks)
+
+    def set_progress(self, epoch: float, epochs: int) -> None:
+        """Called by the loop before every micro-step: `epoch` is the (fractional) number of
+        epochs done out of `epochs`. Methods with schedules (DKD's warm-up) override it."""
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
@@ -73,13 +81,13 @@ class Distiller(nn.Module):
     def get_learnable_parameters(self) -> List[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, LossTerms]:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor = None) -> Tuple[torch.Tensor, LossTerms]:
         raise NotImplementedError
 
 
 class Supervised(Distiller):
     """Plain training on the labels: train_teacher.py and train_student.py."""
 
-    def forward(self, images, labels):
+    def forward(self, images, labels, index=None):
         logits = self.student(images)
         return logits, {"loss_ce": self.cross_entropy(logits, labels)}

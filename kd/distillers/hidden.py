@@ -45,7 +45,7 @@ class HiddenMSE(Distiller):
     def feature_loss(self, student_map, teacher_map):
         return self.hidden_factor * F.mse_loss(self.adapter(student_map).float(), teacher_map.float())
 
-    def forward(self, images, labels):
+    def forward(self, images, labels, index=None):
         logits, features = self.student(images, taps=(self.student_layer,))
         target = self.teacher.taps(images, [self.teacher_layer])[self.teacher_layer]
         terms = {"loss_ce": self.cross_entropy(logits, labels), "loss_hidden": self.feature_loss(features[self.student_layer], target)}

@@ -14,7 +14,7 @@ class Hybrid(HiddenTrained):
         self.alpha = alpha
         self.logits_factor = logits_factor
 
-    def forward(self, images, labels):
+    def forward(self, images, labels, index=None):
         logits, features = self.student(images, taps=(self.student_layer,))
         teacher_logits, teacher_features = self.teacher.logits_and_taps(images, [self.teacher_layer])
         ce = self.cross_entropy(logits, labels)
