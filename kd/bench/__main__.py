@@ -19,7 +19,7 @@ import torch
 from kd import device as devices
 from kd.bench import figures
 from kd.bench.timing import Row, machine
-from kd.data import DEFAULT_DATASET, load_cifar
+from kd.data import default_dataset, load_cifar
 from kd.errors import main_guard
 from kd.export import write_json_atomic
 
@@ -60,7 +60,7 @@ def render(rows: List[Row], header: str) -> str:
 @main_guard
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kd.bench", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--dataset", default=DEFAULT_DATASET, help=f"Hub id or local folder (default: $KD_DATASET or {DEFAULT_DATASET})")
+    parser.add_argument("--dataset", default=default_dataset(), help="Hub id or local folder (default: $KD_DATASET or uoft-cs/cifar10)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every timed process (default: 1)")
     parser.add_argument("--quick", action="store_true", help="smoke test: small batches, one timed round, no torch.compile")
     parser.add_argument("--output", help="also write the results to this JSON file")
