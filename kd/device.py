@@ -212,9 +212,9 @@ def tune_for(device: torch.device) -> None:
         torch.backends.cudnn.conv.fp32_precision = "tf32"
 
 
-def describe(device: torch.device, hardware: Hardware) -> str:
-    """The device in a few words: type, model, threads on CPU."""
+def describe(device: torch.device) -> str:
+    """The training device in a few words: type, model, threads on CPU."""
     if device.type == "cpu":
         threads = torch.get_num_threads()
-        return f"cpu ({hardware.name}, {threads} thread{'s' if threads > 1 else ''})"
-    return f"{device} ({hardware.name})"
+        return f"cpu ({cpu_name()}, {threads} thread{'s' if threads > 1 else ''})"
+    return f"{device} ({torch.cuda.get_device_name(device)})"

@@ -166,7 +166,7 @@ def resolved_config(cfg: TrainConfig, distill, run: RunArgs, extra: Dict, data: 
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "precision_reason": precision.reason,
-        "device": device.describe(accelerator.device, device.detect_hardware(accelerator.device.type == "cpu")),
+        "device": device.describe(accelerator.device),
         **provenance(),
     }
 
@@ -199,11 +199,10 @@ def check_resumable(out: Path, resolved: Dict) -> None:
 
 def startup_line(accelerator: Accelerator, precision: device.Precision, cfg: TrainConfig, steps_per_epoch: int) -> str:
     """Where and how the run trains, in one line: device, processes, precision and why, batch, steps."""
-    hardware = device.detect_hardware(accelerator.device.type == "cpu")
     processes = accelerator.num_processes
     per_process = cfg.batch_size // (processes * cfg.grad_accum)
     accumulation = f" x {cfg.grad_accum} accumulation steps" if cfg.grad_accum > 1 else ""
-    return (f"start: {device.describe(accelerator.device, hardware)} | {processes} process{'es' if processes > 1 else ''} | "
+    return (f"start: {device.describe(accelerator.device)} | {processes} process{'es' if processes > 1 else ''} | "
             f"precision {precision.label} ({precision.reason}) | batch {cfg.batch_size} global, {per_process} per process{accumulation} | "
             f"{steps_per_epoch} steps per epoch, {cfg.epochs} epochs")
 
