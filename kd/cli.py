@@ -17,11 +17,11 @@ ROLES = {
 
 
 @main_guard
-def train_main(role: str, argv: Optional[Sequence[str]] = None):
+def train_main(role: str, argv: Optional[Sequence[str]] = None, on_epoch: Optional[runner.EpochCallback] = None):
     parser = build_parser(f"train_{role}.py", f"Train the {role} on CIFAR-10 with cross-entropy.", ROLES[role])
     cfg, _, run = parse(parser, argv)
     supervised = lambda student, data, accelerator: Supervised(student, label_smoothing=cfg.label_smoothing)  # noqa: E731
-    return runner.run(cfg, run, supervised, extra={"role": role, "method": "supervised"})
+    return runner.run(cfg, run, supervised, extra={"role": role, "method": "supervised"}, on_epoch=on_epoch)
 
 
 def check_teacher(model, source: str, num_classes: int, image_shape) -> None:
@@ -40,7 +40,7 @@ def print_layers(student, teacher: FrozenTeacher) -> None:
 
 
 @main_guard
-def distill_main(argv: Optional[Sequence[str]] = None):
+def distill_main(argv: Optional[Sequence[str]] = None, on_epoch: Optional[runner.EpochCallback] = None):
     parser = build_parser(
         "distill.py",
         "Train a student from a frozen teacher. --alpha weighs the teacher: "
@@ -63,7 +63,7 @@ def distill_main(argv: Optional[Sequence[str]] = None):
         return method
 
     teacher_info = {"teacher": run.teacher, "method": distill.mode}
-    return runner.run(cfg, run, make_method, distill=distill, extra=teacher_info)
+    return runner.run(cfg, run, make_method, distill=distill, extra=teacher_info, on_epoch=on_epoch)
 
 
 def teacher_entry():
