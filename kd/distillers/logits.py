@@ -25,6 +25,8 @@ def soft_label_terms(ce, student_logits, teacher_logits, temperature, alpha, fac
 class LogitsKD(Distiller):
     """loss = (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T)."""
 
+    search_space = {"temperature": ("float", 1.0, 8.0, {"log": True}), "alpha": ("float", 0.1, 0.95)}
+
     def __init__(self, student, teacher, temperature: float, alpha: float, **kwargs):
         super().__init__(student, teacher, **kwargs)
         self.temperature = temperature
