@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from kd import stats
+from kd.engine import format_duration
 from kd.errors import UsageError
 from kd.plots import save_png_atomic
 from kd.report import SHORT_NAMES, Row, Run, _cell, _fmt_value, _split_metrics
@@ -131,7 +132,7 @@ def to_markdown(items: Sequence[Entry], baseline: Row, split: str = "test") -> s
         cells = [row.label, entry.settings or "–", str(row.n), *(_cell(*row.stats[key]) for key, _ in COMPARED),
                  *(("baseline" if row is baseline else _delta_cell(entry, key)) for key, _ in COMPARED),
                  f"{entry.step_cost:.2f}×" if entry.step_cost else "–",
-                 f"{entry.train_time_s / 60:.1f} min" if entry.train_time_s is not None else "–",
+                 format_duration(entry.train_time_s) if entry.train_time_s is not None else "–",
                  differs + entry.measured_on]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
