@@ -228,7 +228,7 @@ def tune(argv: Optional[Sequence[str]] = None) -> Dict:
     check_training_args(args.method, training_args)
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial, ours
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial; a failing trial ends in one error line, no traceback
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     study = open_study(out, args.method, args.sampler_seed, args.prune_from_epoch, training_args)

@@ -71,13 +71,13 @@ def test_leaderboard_rows(board_root, tmp_path, capsys):
     assert capsys.readouterr().out == markdown
     rows = {line.split(" | ")[0][2:]: line for line in markdown.splitlines() if line.startswith("| ") and " | " in line}
     assert rows["student (cifar_resnet8)"] == ("| student (cifar_resnet8) | lr=0.1, weight_decay=0.0005, label_smoothing=0 | 3 | "
-                                                "0.7200 ± 0.0200 | 0.7200 ± 0.0200 | baseline | baseline | 1.00× | 3.0 min | fp32, cpu (AMD EPYC, 1 threads) |")
+                                                "0.7200 ± 0.0200 | 0.7200 ± 0.0200 | baseline | baseline | 1.00× | 3m00s | fp32, cpu (AMD EPYC, 1 threads) |")
     # 0.06 ± 0.0453390 (see the hand computation above); half the baseline's images/s: 2x the step cost; 3 x 90 s
     assert rows["distill logits (cifar_resnet8)"] == ("| distill logits (cifar_resnet8) | T=4, alpha=0.9 | 3 | 0.7800 ± 0.0200 | 0.7800 ± 0.0200 | "
-                                                      "+0.0600 [+0.0147, +0.1053] | +0.0600 [+0.0147, +0.1053] | 2.00× | 4.5 min | "
+                                                      "+0.0600 [+0.0147, +0.1053] | +0.0600 [+0.0147, +0.1053] | 2.00× | 4m30s | "
                                                       "fp32, cpu (AMD EPYC, 1 threads) |")
     assert rows["distill logits (cifar_resnet8) tuned"] == ("| distill logits (cifar_resnet8) tuned | T=2.5, alpha=0.75 | 1 | 0.8100 | 0.8100 | "
-                                                            "n/a (n < 2) | n/a (n < 2) | 4.00× | 5.0 min | ≠ bf16, cuda (NVIDIA H100) |")
+                                                            "n/a (n < 2) | n/a (n < 2) | 4.00× | 5m00s | ≠ bf16, cuda (NVIDIA H100) |")
     assert (tmp_path / "board.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -106,3 +106,15 @@ def test_every_method_declares_a_valid_space():
     for method in tune.methods():
         space = tune.search_space(method)  # raises on a malformed entry or an empty space
         assert space, method
+
+
+def test_error_inside_a_trial_is_one_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(["--method", "logits", "--trials", "1", "--output-dir", str(tmp_path / "tune"), "--teacher", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "missing" in err[0], err
+    import optuna
+
+    study = optuna.load_study(study_name="logits", storage=f"sqlite:///{tmp_path / 'tune' / 'study.db'}")
+    assert [trial.state.name for trial in study.trials] == ["FAIL"]  # recorded, and not counted toward --trials
