@@ -8,6 +8,7 @@ Finished runs (metrics.json) are skipped, interrupted ones resumed (--resume), s
 continued; P trainings run at a time. At the end, DIR/leaderboard.md and .png
 (`python -m kd.report DIR/runs --leaderboard`)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -53,8 +54,6 @@ class Job:
     def done(self) -> bool:
         if self.trials is None:
             return (self.out / "metrics.json").is_file()
-        import json
-
         summary = self.out / "tune.json"
         return summary.is_file() and json.loads(summary.read_text())["trials"] >= self.trials
 
