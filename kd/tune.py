@@ -81,12 +81,13 @@ def training_entry(method: str):
             lambda argv, on_epoch: cli.distill_main.__wrapped__(argv, on_epoch=on_epoch))
 
 
-def check_training_args(method: str, training_args: List[str]) -> None:
+def check_training_args(method: str, training_args: List[str]) -> TrainConfig:
     """Parse the training flags once, before any trial: a wrong flag fails now, in one line."""
     parser, _ = training_entry(method)
     cfg, _, _ = parse(parser, training_args + (["--mode", method] if method != SUPERVISED else []))
     if cfg.val_size <= 0:
         raise UsageError("kd.tune selects on the validation split: --val-size must be > 0")
+    return cfg
 
 
 def trial_argv(method: str, training_args: List[str], values: Dict, run_dir: Path) -> List[str]:
@@ -95,7 +96,7 @@ def trial_argv(method: str, training_args: List[str], values: Dict, run_dir: Pat
     return ["--report-to", "none", *training_args, *mode, *to_flags(values), "--output-dir", str(run_dir), "--overwrite"]
 
 
-def make_objective(method: str, space: Dict[str, tuple], training_args: List[str], out: Path):
+def make_objective(method: str, space: Dict[str, tuple], training_args: List[str], out: Path, epochs: int):
     import optuna
 
     _, train = training_entry(method)
@@ -105,7 +106,7 @@ def make_objective(method: str, space: Dict[str, tuple], training_args: List[str
             if "val_f1_macro" not in record:
                 raise UsageError("kd.tune needs validation metrics every epoch (--val-size > 0)")
             trial.report(record["val_f1_macro"], record["epoch"])
-            if trial.should_prune():
+            if record["epoch"] < epochs and trial.should_prune():  # a trial at its last epoch has spent its budget: keep it
                 raise optuna.TrialPruned(f"val f1_macro {record['val_f1_macro']:.4f} at epoch {record['epoch']}, below the median")
         return on_epoch
 
@@ -225,7 +226,7 @@ def tune(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.trials <= 0:
         raise UsageError(f"--trials must be positive, got {args.trials}")
     space = search_space(args.method, args.params)
-    check_training_args(args.method, training_args)
+    epochs = check_training_args(args.method, training_args).epochs
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial; a failing trial ends in one error line, no traceback
@@ -235,7 +236,7 @@ def tune(argv: Optional[Sequence[str]] = None) -> Dict:
     remaining = args.trials - len(finished(study))
     if remaining > 0:
         print(f"tune {args.method}: {len(finished(study))} of {args.trials} trials done, running {remaining} (space: {', '.join(space)})")
-        study.optimize(make_objective(args.method, space, training_args, out), n_trials=remaining,
+        study.optimize(make_objective(args.method, space, training_args, out, epochs), n_trials=remaining,
                        callbacks=[lambda study, trial: print(trial_line(study, trial), flush=True)])
     return summarize(study, args.method, out)
 
