@@ -1,7 +1,7 @@
 """The leaderboard (`python -m kd.report RUNS --leaderboard`): each configuration's rows of
 kd.report with its difference from the student baseline (95% Welch t interval over seeds), the
 settings it ran with (default or tuned), its cost per training image relative to the baseline,
-its training time, and the precision and device it was measured on."""
+its wall time, and the precision and device it was measured on."""
 
 import json
 import statistics
@@ -25,7 +25,7 @@ class Entry:
     settings: str  # the method's searched hyperparameters, as this row ran them
     deltas: Dict[str, Optional[stats.Difference]]  # metric -> row minus baseline; None: too few seeds
     step_cost: Optional[float]  # seconds per training image relative to the baseline's (1.5: 50% slower)
-    train_time_s: Optional[float]  # mean over runs of the summed epoch training time
+    wall_time_s: Optional[float]  # mean over runs of the summed epoch wall time
     measured_on: str  # precision and device
 
 
@@ -59,8 +59,12 @@ def seconds_per_image(run: Run) -> Optional[float]:
     return 1 / statistics.median(speeds) if speeds else None
 
 
-def train_time_s(run: Run) -> Optional[float]:
-    times = [record["train_time_s"] for record in history(run) if "train_time_s" in record]
+def wall_time_s(run: Run) -> Optional[float]:
+    """The epochs' wall time (training and validation) summed over the run, resumed parts
+    included; runs from before epoch_time_s was recorded give their training time."""
+    records = history(run)
+    key = "epoch_time_s" if records and all("epoch_time_s" in record for record in records) else "train_time_s"
+    times = [record[key] for record in records if key in record]
     return sum(times) if times else None
 
 
@@ -101,7 +105,7 @@ def entries(rows: Sequence[Row], baseline: Row, split: str = "test") -> List[Ent
             settings=_joined([searched_settings(run) for run in row.runs]),
             deltas={key: None if row is baseline else stats.welch_interval(values[key], base[key]) for key, _ in COMPARED},
             step_cost=cost / base_cost if cost and base_cost else None,
-            train_time_s=_mean(train_time_s(run) for run in row.runs),
+            wall_time_s=_mean(wall_time_s(run) for run in row.runs),
             measured_on=_joined([measured_on(run) for run in row.runs]),
         ))
     return out
@@ -115,12 +119,12 @@ def _delta_cell(entry: Entry, key: str) -> str:
 def to_markdown(items: Sequence[Entry], baseline: Row, split: str = "test") -> str:
     base_hardware = _joined([measured_on(run) for run in baseline.runs])
     header = ["configuration", "settings", "n", "accuracy", "F1 macro", "Δ accuracy [95% CI]", "Δ F1 macro [95% CI]",
-              "step cost", "train time", "measured on"]
+              "step cost", "wall time", "measured on"]
     lines = [
         f"Leaderboard, {split} split: mean ± sample std over seeds (n runs), from the weights kept by validation macro F1. "
         f"Δ: difference of means from the baseline `{baseline.label}`, with the 95% Welch t interval. "
         "Step cost: time per training image relative to the baseline (median epoch). "
-        "Train time: summed epoch training time per run, evaluation excluded. "
+        "Wall time: the epochs' wall time (training and validation) summed per run, mean over runs. "
         "Rows marked ≠ were measured on other hardware or precision than the baseline: their cost columns do not compare.",
         "",
         "| " + " | ".join(header) + " |",
@@ -132,7 +136,7 @@ def to_markdown(items: Sequence[Entry], baseline: Row, split: str = "test") -> s
         cells = [row.label, entry.settings or "–", str(row.n), *(_cell(*row.stats[key]) for key, _ in COMPARED),
                  *(("baseline" if row is baseline else _delta_cell(entry, key)) for key, _ in COMPARED),
                  f"{entry.step_cost:.2f}×" if entry.step_cost else "–",
-                 format_duration(entry.train_time_s) if entry.train_time_s is not None else "–",
+                 format_duration(entry.wall_time_s) if entry.wall_time_s is not None else "–",
                  differs + entry.measured_on]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -209,6 +209,7 @@ def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: Train
         if val_loader is not None:
             val = engine.evaluate(accelerator, student(), val_loader, data.class_names)
             record.update({f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))})  # scalars: no tables per epoch
+        record["epoch_time_s"] = time.perf_counter() - epoch_start  # wall clock: training and validation
         score = record.get("val_f1_macro", state.epoch)  # no validation split: keep the last epoch
         improved = score > state.best_score
         if improved:

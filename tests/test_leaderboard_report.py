@@ -37,10 +37,12 @@ def test_welch_needs_two_values_each_side_and_handles_no_spread():
     assert (d.mean, d.low, d.high) == pytest.approx((0.1, 0.1, 0.1)) and math.isinf(d.dof)
 
 
-def with_history(folder, images_per_s, train_time_s, epochs=3, device="cpu (AMD EPYC, 1 threads)", precision="no", tags=()):
-    """Add what the leaderboard reads beyond the report: history.jsonl and the hardware."""
+def with_history(folder, images_per_s, epoch_time_s, epochs=3, device="cpu (AMD EPYC, 1 threads)", precision="no", tags=(), old=False):
+    """Add what the leaderboard reads beyond the report: history.jsonl and the hardware. `old`:
+    a history from before epoch_time_s, with training time only (half the epoch's here)."""
+    times = {"train_time_s": epoch_time_s} if old else {"train_time_s": epoch_time_s / 2, "epoch_time_s": epoch_time_s}
     (folder / "history.jsonl").write_text("".join(
-        json.dumps({"epoch": e, "images_per_s": images_per_s * (0.5 if e == 1 else 1.0), "train_time_s": train_time_s}) + "\n"
+        json.dumps({"epoch": e, "images_per_s": images_per_s * (0.5 if e == 1 else 1.0), **times}) + "\n"
         for e in range(1, epochs + 1)))
     config = json.loads((folder / "run_config.json").read_text())
     config.update(mixed_precision=precision, device=device)
@@ -60,7 +62,7 @@ def board_root(tmp_path):
                                teacher=str(teacher)), 100, 90)
     tuned = {**DISTILL, "temperature": 2.5, "alpha": 0.75}
     with_history(write_run(root / "logits" / "tuned" / "s0", (0.81, 0.81, 0.81, 0.81), distill=tuned, teacher=str(teacher)),
-                 50, 100, device="cuda (NVIDIA H100)", precision="bf16", tags=("tuned",))
+                 50, 100, device="cuda (NVIDIA H100)", precision="bf16", tags=("tuned",), old=True)
     return root
 
 
