@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 from kd.config import Parser
 from kd.distillers import DISTILLERS
 from kd.errors import RunError, UsageError, main_guard
-from kd.tune import SUPERVISED
+from kd.tune import SUPERVISED, methods
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 
@@ -69,6 +69,20 @@ def training(script: str, out: Path, flags: Sequence[str]) -> List[str]:
     return [sys.executable, "-m", script, *flags, "--output-dir", str(out), resume]
 
 
+def without_flags(flags: Sequence[str], names: Sequence[str]) -> List[str]:
+    """`flags` less each `--name value` / `--name=value` of `names` (config field names)."""
+    dropped = {"--" + name.replace("_", "-") for name in names}
+    kept, skip_value = [], False
+    for flag in flags:
+        if skip_value:
+            skip_value = False
+        elif flag in dropped:
+            skip_value = True
+        elif flag.split("=", 1)[0] not in dropped:
+            kept.append(flag)
+    return kept
+
+
 def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: int, modes: Sequence[str], extra: Sequence[str]) -> List[Job]:
     """Every run of the leaderboard, in order, each with the runs it needs first."""
     runs, searches = out / "runs", out / "tune"
@@ -89,9 +103,11 @@ def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: int, modes
         search = searches / name
         jobs.append(Job(f"{name}/tune", search, [sys.executable, "-m", "kd.tune", "--method", mode, "--trials", str(trials),
                                                  "--output-dir", str(search), *student, *from_teacher, "--seed", "0"], needs, trials=trials))
+        # the command line overrides --config: a searched setting among the extra flags would undo the search
+        tuned_common = ["--dataset", dataset, "--report-to", "none", *without_flags(extra, methods()[mode].search_space)]
         for seed in range(seeds):
             folder = runs / name / "tuned" / f"s{seed}"
-            flags = [*common, "--config", str(search / "best.yaml"), *method, "--seed", str(seed), "--tags", "tuned"]
+            flags = [*tuned_common, "--config", str(search / "best.yaml"), *method, "--seed", str(seed), "--tags", "tuned"]
             jobs.append(Job(f"{name}/tuned/s{seed}", folder, training(script, folder, flags), [f"{name}/tune"]))
     return jobs
 

@@ -33,7 +33,8 @@ RUN_FILES = ("config.json", "model.safetensors", "metrics.json", "run_config.jso
 # builds the method to train from (student, data, accelerator); returns it and facts for run_config.json
 MethodFactory = Callable[[torch.nn.Module, CifarData, Accelerator], Distiller]
 # called with each epoch's record (as in history.jsonl) once its checkpoint is saved; an
-# exception it raises (kd.tune's "pruned") stops the run there, resumable, with no metrics.json
+# exception it raises (kd.tune's "pruned") stops the run there, resumable, with no metrics.json;
+# every process calls it, so under several processes it must decide alike on all of them
 EpochCallback = Callable[[Dict], None]
 
 

@@ -48,10 +48,13 @@ def test_dry_run_plans_every_method_and_skips_what_is_done(tmp_path, capsys, mon
     assert "--dataset data/cifar10" in tuned and "--epochs" not in tuned
     assert summary == f"plan: {len(expected) - 4} to run, 1 to resume, 3 done"
     assert sorted(p for p in root.rglob("*")) == before  # a dry run writes nothing
-    plan, _ = plan_lines(capsys, tmp_path, "--seeds", "1", "--trials", "4", "--modes", "logits", "--epochs", "1")
+    plan, _ = plan_lines(capsys, tmp_path, "--seeds", "1", "--trials", "4", "--modes", "logits", "--epochs", "1", "--temperature", "2", "--alpha=0.5")
     assert sorted(plan) == ["logits/default/s0", "logits/tune", "logits/tuned/s0", "student/default/s0", "teacher"]
     assert plan["logits/tune"].split()[0] == "run"  # 3 of 4 trials: the search goes on
     assert all("--epochs 1 " in line for line in plan.values())  # unknown flags reach every run and search
+    assert "--temperature 2 --alpha=0.5" in plan["logits/default/s0"] and "--temperature 2 --alpha=0.5" in plan["logits/tune"]
+    # ...except a searched setting in a tuned run: it would override the tuned preset (the command line beats --config)
+    assert "--temperature" not in plan["logits/tuned/s0"] and "--alpha" not in plan["logits/tuned/s0"]
     plan, _ = plan_lines(capsys, tmp_path, "--seeds", "1", "--trials", "0", "--modes", "at")
     assert sorted(plan) == ["at/default/s0", "student/default/s0", "teacher"]  # --trials 0: defaults only
 
