@@ -17,12 +17,12 @@ ROLES = {
 
 
 @main_guard
-def train(role: str, argv: Optional[Sequence[str]] = None) -> Dict:
+def train(role: str, argv: Optional[Sequence[str]] = None, on_epoch: Optional[runner.EpochCallback] = None) -> Dict:
     """Train the teacher or the student baseline; returns the final metrics."""
     parser = build_parser(f"train_{role}.py", f"Train the {role} on CIFAR-10 with cross-entropy.", ROLES[role])
     cfg, _, run = parse(parser, argv)
     supervised = lambda student, data, accelerator: Supervised(student, label_smoothing=cfg.label_smoothing)  # noqa: E731
-    return runner.run(cfg, run, supervised, extra={"role": role, "method": "supervised"})
+    return runner.run(cfg, run, supervised, extra={"role": role, "method": "supervised"}, on_epoch=on_epoch)
 
 
 def check_teacher(model, source: str, num_classes: int, image_shape) -> None:
@@ -41,7 +41,7 @@ def print_layers(student, teacher: FrozenTeacher) -> None:
 
 
 @main_guard
-def distill(argv: Optional[Sequence[str]] = None) -> Optional[Dict]:
+def distill(argv: Optional[Sequence[str]] = None, on_epoch: Optional[runner.EpochCallback] = None) -> Optional[Dict]:
     """Distil a student; returns the final metrics (None with --list-layers)."""
     parser = build_parser(
         "distill.py",
@@ -66,7 +66,7 @@ def distill(argv: Optional[Sequence[str]] = None) -> Optional[Dict]:
         return method
 
     teacher_info = {"teacher": run.teacher, "method": distill.mode}
-    return runner.run(cfg, run, make_method, distill=distill, extra=teacher_info)
+    return runner.run(cfg, run, make_method, distill=distill, extra=teacher_info, on_epoch=on_epoch)
 
 
 # Entry points (scripts and console scripts) return None: the installed wrapper calls

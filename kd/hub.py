@@ -17,7 +17,7 @@ from kd.export import load_model, write_text_atomic
 
 CARD = "README.md"
 NEEDED = ("config.json", "model.safetensors", "metrics.json", "run_config.json")  # what a finished run holds
-PUSHED = NEEDED + (CARD, "history.jsonl", "curves.png")  # never checkpoint/ (optimizer state, 3x the size) nor tracker logs
+PUSHED = NEEDED + (CARD, "history.jsonl", "curves.png", "confusion_matrix.png")  # never checkpoint/ (optimizer state, 3x the size) nor tracker logs
 BASE_TAGS = ["image-classification", "timm", "knowledge-distillation"]
 
 
@@ -135,6 +135,7 @@ def card_text(run_dir: Path, repo_id: Optional[str]) -> str:
         metrics_table(metrics),
         "### Per class (test)",
         per_class_table(test["per_class"]),
+        *(["![confusion matrix of the test split](confusion_matrix.png)"] if (run_dir / "confusion_matrix.png").is_file() else []),
         "## Training",
         f"{data['num_train']} training, {data['num_val']} validation and {data['num_test']} test images; "
         f"{run_config.get('num_processes', 1)} process(es), mixed precision `{run_config.get('mixed_precision')}`.",

@@ -17,7 +17,8 @@ Args:
     class_names: optional names for the per-class table.
 Returns:
     accuracy, precision_macro, recall_macro, f1_macro, precision_weighted, recall_weighted,
-    f1_weighted, per_class {name: {precision, recall, f1, support}}, num_samples.
+    f1_weighted, per_class {name: {precision, recall, f1, support}}, num_samples,
+    confusion_matrix (rows: true class, columns: predicted class, counts; as scikit-learn's).
 """
 
 
@@ -65,6 +66,7 @@ class ClassificationReport(evaluate.Metric):
             "recall_weighted": float((recall * weights).sum()),
             "f1_weighted": float((f1 * weights).sum()),
             "num_samples": int(len(references)),
+            "confusion_matrix": confusion.tolist(),
             "per_class": {
                 name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                 for name, p, r, f, s in zip(class_names, precision, recall, f1, support)

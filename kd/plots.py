@@ -1,5 +1,5 @@
 """Training curves of a run (history.jsonl) as one PNG: the loss terms, the validation
-metrics and the learning rate, per epoch."""
+metrics and the learning rate, per epoch; and the test split's confusion matrix."""
 
 import os
 import tempfile
@@ -63,3 +63,26 @@ def save_png_atomic(figure, path: Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path, title: str = "confusion matrix (test)") -> Path:
+    """The counts as a heat map, rows the true class and columns the predicted one; the colour
+    is the share of the true class's images (recall on the diagonal), so classes of different
+    sizes read alike."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(matrix, dtype=np.int64)
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    size = 2.5 + 0.55 * len(class_names)
+    figure = Figure(figsize=(size + 1, size), layout="constrained")
+    axes = figure.subplots()
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (row, column), count in np.ndenumerate(counts):
+        axes.text(column, row, str(count), ha="center", va="center", fontsize=7, color="white" if shares[row, column] > 0.5 else "black")
+    ticks = range(len(class_names))
+    axes.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axes.set_yticks(ticks, class_names)
+    axes.set(xlabel="predicted", ylabel="true", title=title)
+    figure.colorbar(image, ax=axes, label="share of the true class")
+    return save_png_atomic(figure, Path(path))

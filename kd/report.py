@@ -2,6 +2,7 @@
 
     python -m kd.report runs/teacher-s0 runs/teacher-s1 runs/distill-logits-s0 ...
     python -m kd.report runs/cpu-thin            # a folder of run folders
+    python -m kd.report runs/leaderboard --leaderboard   # differences from the student baseline
 
 Rows are keyed by method, model and every train/distill setting except the seed; settings
 that differ between runs of one method and model are written into the row's label (T=2)."""
@@ -95,7 +96,8 @@ def _teacher_model(source: Optional[str]) -> Optional[str]:
 def _family(run: Run) -> str:
     method = run.config.get("method", "supervised")
     base = run.config.get("role", "student") if method == "supervised" else f"distill {method}"
-    return f"{base} ({run.config['train']['model']})"
+    tuned = " tuned" if "tuned" in run.config.get("run", {}).get("tags", []) else ""  # kd.leaderboard tags runs of a kd.tune preset
+    return f"{base} ({run.config['train']['model']}){tuned}"
 
 
 def _settings(run: Run) -> Dict:
@@ -213,6 +215,9 @@ def build_parser() -> Parser:
     parser.add_argument("--output", default="report.md", help="Markdown file to write (default: report.md)")
     parser.add_argument("--chart", default=None, help="PNG bar chart to write (default: the --output path with .png)")
     parser.add_argument("--split", default="test", choices=("test", "val"), help="which split's metrics to compare")
+    parser.add_argument("--leaderboard", action="store_true",
+                        help="the leaderboard instead: differences from the student baseline with 95%% intervals, step cost, time, hardware")
+    parser.add_argument("--baseline", metavar="LABEL", help="with --leaderboard: the row to compare with (default: the one default student row)")
     return parser
 
 
@@ -220,11 +225,20 @@ def build_parser() -> Parser:
 def main(argv: Optional[Sequence[str]] = None) -> None:  # returns None: the console script exits with main()'s value
     args = build_parser().parse_args(argv)
     rows = table_rows(load_runs(args.run_dirs), args.split)
-    markdown = to_markdown(rows, args.split)
     output = Path(args.output)
     chart = Path(args.chart) if args.chart else output.with_suffix(".png")
-    write_text_atomic(output, markdown)
-    draw_chart(rows, chart, args.split)
+    if args.leaderboard:
+        from kd import ranking
+
+        baseline = ranking.pick_baseline(rows, args.baseline)
+        entries = ranking.entries(rows, baseline, args.split)
+        markdown = ranking.to_markdown(entries, baseline, args.split) + "\n" + "\n".join(_provenance(rows)) + "\n"
+        write_text_atomic(output, markdown)
+        ranking.draw(entries, baseline, chart)
+    else:
+        markdown = to_markdown(rows, args.split)
+        write_text_atomic(output, markdown)
+        draw_chart(rows, chart, args.split)
     print(markdown, end="")
     print(f"wrote {output} and {chart}", file=sys.stderr)
 

@@ -24,14 +24,18 @@ from kd.distillers import Distiller
 from kd.errors import UsageError
 from kd.export import existing_dir, export_model, write_json_atomic, write_text_atomic
 from kd.hub import push_run, write_model_card
-from kd.plots import plot_history
+from kd.plots import plot_confusion_matrix, plot_history
 
 CHECKPOINT = "checkpoint"
 RUN_FILES = ("config.json", "model.safetensors", "metrics.json", "run_config.json", "history.jsonl",
-             "curves.png", "README.md", CHECKPOINT, CHECKPOINT + ".old", "wandb", "tensorboard")
+             "curves.png", "confusion_matrix.png", "README.md", CHECKPOINT, CHECKPOINT + ".old", "wandb", "tensorboard")
 
 # builds the method to train from (student, data, accelerator); returns it and facts for run_config.json
 MethodFactory = Callable[[torch.nn.Module, CifarData, Accelerator], Distiller]
+# called with each epoch's record (as in history.jsonl) once its checkpoint is saved; an
+# exception it raises (kd.tune's "pruned") stops the run there, resumable, with no metrics.json;
+# every process calls it, so under several processes it must decide alike on all of them
+EpochCallback = Callable[[Dict], None]
 
 
 def check_output_dir(run: RunArgs) -> None:
@@ -122,7 +126,8 @@ def load_data(accelerator: Accelerator, cfg: TrainConfig, run: RunArgs) -> Cifar
     return data if data is not None else load()
 
 
-def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Optional[DistillConfig] = None, extra: Optional[Dict] = None) -> Dict:
+def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Optional[DistillConfig] = None, extra: Optional[Dict] = None,
+        on_epoch: Optional[EpochCallback] = None) -> Dict:
     """Train `cfg.model` with the method `make_method` builds; returns the final metrics."""
     check_output_dir(run)
     check_model_name(cfg.model)
@@ -145,9 +150,11 @@ def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Opt
         write_json_atomic(out / "run_config.json", resolved)
     accelerator.init_trackers(run.project, config=tracking.flat_config(resolved),
                               init_kwargs=tracking.init_kwargs(out, run.run_name or out.name, run.tags, resolved["tracker_run_id"]))
-    metrics = fit(accelerator, method, data, cfg, run, precision)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    try:
+        metrics = fit(accelerator, method, data, cfg, run, precision, on_epoch)
+        accelerator.wait_for_everyone()
+    finally:  # a run stopped early (pruned, failed) still closes its trackers
+        accelerator.end_training()
     if run.push_to_hub and accelerator.is_main_process:  # last: everything is saved before any push
         accelerator.print(f"pushed to {push_run(out, run.push_to_hub, private=run.hub_private)}")
     return metrics
@@ -207,7 +214,8 @@ def startup_line(accelerator: Accelerator, precision: device.Precision, cfg: Tra
             f"{steps_per_epoch} steps per epoch, {cfg.epochs} epochs")
 
 
-def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: TrainConfig, run: RunArgs, precision: device.Precision) -> Dict:
+def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: TrainConfig, run: RunArgs, precision: device.Precision,
+        on_epoch: Optional[EpochCallback] = None) -> Dict:
     out = Path(run.output_dir)
     train_loader, val_loader, test_loader = loaders(data, cfg, run, accelerator)
     if run.channels_last:
@@ -241,7 +249,8 @@ def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: Train
         record = {"epoch": state.epoch, "step": state.step, **record}
         if val_loader is not None:
             val = engine.evaluate(accelerator, student(), val_loader, data.class_names)
-            record.update({f"val_{k}": v for k, v in val.items() if k != "per_class"})
+            record.update({f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))})  # scalars: no tables per epoch
+        record["epoch_time_s"] = time.perf_counter() - epoch_start  # wall clock: training and validation
         score = record.get("val_f1_macro", state.epoch)  # no validation split: keep the last epoch
         improved = score > state.best_score
         if improved:
@@ -254,6 +263,8 @@ def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: Train
         epoch_seconds.append(time.perf_counter() - epoch_start)
         remaining_s = sum(epoch_seconds) / len(epoch_seconds) * (cfg.epochs - state.epoch)
         accelerator.print(engine.summary_line(record, remaining_s))
+        if on_epoch is not None:
+            on_epoch(record)
     return finish(accelerator, student(), data, state, run, val_loader, test_loader)
 
 
@@ -273,8 +284,10 @@ def finish(accelerator: Accelerator, student, data: CifarData, state, run: RunAr
         export_model(student, out, data.class_names, data.mean, data.std)
         write_json_atomic(out / "metrics.json", metrics)
         plot_history(state.history, out / "curves.png")
+        plot_confusion_matrix(metrics["test"]["confusion_matrix"], data.class_names, out / "confusion_matrix.png")
         write_model_card(out, run.push_to_hub)
     accelerator.log(tracking.flat_metrics("test", metrics["test"]), step=state.epoch)
+    tracking.log_confusion_matrix(accelerator, "test/confusion_matrix", metrics["test"]["confusion_matrix"], data.class_names, state.epoch)
     test = metrics["test"]
     accelerator.print(f"test (epoch {state.best_epoch} weights): accuracy={test['accuracy']:.4f} f1_macro={test['f1_macro']:.4f} -> {out}")
     return metrics

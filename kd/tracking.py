@@ -5,7 +5,7 @@ import netrc
 import os
 import uuid
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence, Tuple
 from urllib.parse import urlsplit
 
 TRACKERS = {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["wandb", "tensorboard"], "none": []}
@@ -77,3 +77,22 @@ def flat_config(resolved: Dict) -> Dict:
         else:
             out[section] = values if isinstance(values, (int, float, str, bool)) or values is None else str(values)
     return out
+
+
+def expand_confusion_matrix(matrix: Sequence[Sequence[int]]) -> Tuple[List[int], List[int]]:
+    """(true labels, predictions) with each (true, predicted) pair repeated as often as the
+    matrix counts it: the pairs a confusion matrix is made of, in class order."""
+    pairs = [(true, predicted) for true, row in enumerate(matrix) for predicted, count in enumerate(row) for _ in range(int(count))]
+    return [true for true, _ in pairs], [predicted for _, predicted in pairs]
+
+
+def log_confusion_matrix(accelerator, key: str, matrix, class_names: Sequence[str], step: int) -> None:
+    """wandb's own confusion-matrix chart, when wandb is one of the run's trackers (the other
+    trackers take scalars only). Main process only: the trackers live there."""
+    if not accelerator.is_main_process or "wandb" not in [tracker.name for tracker in accelerator.trackers]:
+        return
+    import wandb
+
+    y_true, preds = expand_confusion_matrix(matrix)
+    chart = wandb.plot.confusion_matrix(y_true=y_true, preds=preds, class_names=list(class_names), title=key)
+    accelerator.get_tracker("wandb", unwrap=True).log({key: chart}, step=step)

@@ -10,7 +10,8 @@ SCRIPTS = console_scripts()
 
 
 def test_setup_cfg_lists_every_command():
-    assert set(SCRIPTS) == {"kd-train-teacher", "kd-train-student", "kd-distill", "kd-report", "kd-eda", "kd-push"}
+    assert set(SCRIPTS) == {"kd-train-teacher", "kd-train-student", "kd-distill", "kd-report", "kd-eda", "kd-push", "kd-tune",
+                            "kd-leaderboard"}
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))

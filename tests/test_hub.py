@@ -21,7 +21,8 @@ from kd.errors import RunError
 from kd.hub import push_run, write_model_card
 from kd.plots import plot_history
 
-PUSHED = {"config.json", "model.safetensors", "README.md", "metrics.json", "run_config.json", "history.jsonl", "curves.png"}
+PUSHED = {"config.json", "model.safetensors", "README.md", "metrics.json", "run_config.json", "history.jsonl", "curves.png",
+          "confusion_matrix.png"}
 
 
 @pytest.fixture
@@ -57,6 +58,7 @@ def test_model_card_holds_metadata_results_and_usage(run_dir):
     assert f"git_commit: {run_config['git_commit']}" in card and f"lr: {run_config['train']['lr']}" in card
     assert 'timm.create_model("hf-hub:someone/tiny-teacher", pretrained=True)' in card
     assert "cifar_resnet8" in card and "trained as a teacher" in card
+    assert "![confusion matrix of the test split](confusion_matrix.png)" in card and (run_dir / "confusion_matrix.png").is_file()
 
 
 def test_model_card_names_hub_dataset_and_distillation(run_dir):

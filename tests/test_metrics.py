@@ -33,3 +33,18 @@ def test_metric_accumulates_batches_like_evaluate_metrics():
     metric.add_batch(predictions=[2], references=[2])
     result = metric.compute(num_classes=3)
     assert result["accuracy"] == pytest.approx(0.75) and result["num_samples"] == 4
+
+
+def test_confusion_matrix_counts_true_rows_predicted_columns():
+    # true:      0  0  0  1  1  2  2  2
+    # predicted: 0  0  1  1  2  2  2  0
+    report = classification_report([0, 0, 1, 1, 2, 2, 2, 0], [0, 0, 0, 1, 1, 2, 2, 2], ["a", "b", "c"])
+    assert report["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [1, 0, 2]]
+
+
+def test_confusion_matrix_expands_back_to_its_pairs():
+    from kd.tracking import expand_confusion_matrix
+
+    y_true, preds = expand_confusion_matrix([[2, 1], [0, 3]])
+    assert (y_true, preds) == ([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1])
+    assert classification_report(preds, y_true, ["a", "b"])["confusion_matrix"] == [[2, 1], [0, 3]]

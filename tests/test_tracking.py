@@ -81,6 +81,17 @@ def test_wandb_offline_run_holds_history_test_metrics_and_config(tiny_dataset, t
     final = history[2]
     assert final["test/accuracy"] == pytest.approx(test["accuracy"]) and final["test/f1_macro"] == pytest.approx(test["f1_macro"])
     assert final["test/red/support"] == test["per_class"]["red"]["support"]
+    # wandb.plot.confusion_matrix logs a table of (actual, predicted, count), kept as a file of the run
+    assert final["test/confusion_matrix_table/_type"] == "table-file" and final["test/confusion_matrix_table/ncols"] == 3
+    table_file = next((out / "wandb").glob("offline-run-*/files")) / final["test/confusion_matrix_table/path"]
+    table = json.loads(table_file.read_text())
+    names = read_json(out / "run_config.json")["data"]["class_names"]
+    counts = {(actual, predicted): count for actual, predicted, count in table["data"]}
+    matrix = test["confusion_matrix"]
+    assert counts == {(names[i], names[j]): matrix[i][j] for i in range(len(names)) for j in range(len(names))}
+    assert sum(map(sum, matrix)) == test["num_samples"]
+    assert sum(matrix[i][i] for i in range(len(names))) == round(test["accuracy"] * test["num_samples"])
+    assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert config["train.lr"] == 0.05 and config["train.model"] == "cifar_resnet8" and config["role"] == "student"
 
 

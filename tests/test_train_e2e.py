@@ -26,6 +26,8 @@ def test_script_writes_a_complete_run_folder(script, model, tiny_dataset, tmp_pa
     best = max(history, key=lambda h: (h["val_f1_macro"], -h["epoch"]))  # the first epoch with the best score
     assert metrics["kept_epoch"] == best["epoch"] and metrics["val"]["f1_macro"] == pytest.approx(best["val_f1_macro"], abs=1e-12)
     assert [h["epoch"] for h in history] == [1, 2] and {"loss_ce", "lr", "images_per_s", "val_f1_macro"} <= set(history[0])
+    assert all(h["epoch_time_s"] > h["train_time_s"] > 0 for h in history)  # the epoch's wall time holds its training and validation
+    assert (out / "confusion_matrix.png").is_file() and sum(map(sum, metrics["test"]["confusion_matrix"])) == 64
     resolved = read_json(out / "run_config.json")
     assert resolved["train"]["model"] == model and resolved["train"]["lr"] == 0.05 and resolved["train"]["seed"] == 0
     assert resolved["git_commit"] is not None and "torch" in resolved["versions"]

@@ -29,6 +29,8 @@ def at_loss(student_maps, teacher_maps, beta: float) -> torch.Tensor:
 class AttentionTransfer(Distiller):
     """loss = CE(student, labels) + at_beta/2 * sum_stages ||a_s - a_t||^2."""
 
+    search_space = {"at_beta": ("float", 50.0, 5000.0, {"log": True})}
+
     def __init__(self, student, teacher, beta: float, **kwargs):
         super().__init__(student, teacher, **kwargs)
         self.beta = beta

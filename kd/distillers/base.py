@@ -60,7 +60,14 @@ class Distiller(nn.Module):
     """A training method: forward(images, labels, index) -> (student logits, {name: weighted
     loss}); `index` holds the images' dataset indices, for methods that keep per-image state.
     The trainer sums the dict; it never knows which method runs. Learnable extras (an
-    adapter) are submodules, so DDP, the optimizer and the checkpoint all see them."""
+    adapter) are submodules, so DDP, the optimizer and the checkpoint all see them.
+
+    `search_space` is what `python -m kd.tune` searches for the method: {config field (a
+    TrainConfig/DistillConfig name, i.e. a command-line flag): (kind, low, high[, {"log": True}])}
+    with kind "float" or "int", or ("categorical", [choices]). A subclass inherits its parent's
+    space unless it declares its own."""
+
+    search_space: Dict[str, tuple] = {}
 
     standardizable = False  # has a temperature-softmax logits term that --logit-standardization z-scores
 
@@ -87,6 +94,9 @@ class Distiller(nn.Module):
 
 class Supervised(Distiller):
     """Plain training on the labels: train_teacher.py and train_student.py."""
+
+    search_space = {"lr": ("float", 0.02, 0.5, {"log": True}), "weight_decay": ("float", 1e-4, 2e-3, {"log": True}),
+                    "label_smoothing": ("float", 0.0, 0.2)}
 
     def forward(self, images, labels, index=None):
         logits = self.student(images)

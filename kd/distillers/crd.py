@@ -42,6 +42,8 @@ def draw_negatives(index: torch.Tensor, epoch: int, num_negatives: int, num_data
 class CRD(Distiller):
     """loss = CE + weight * [NCE(student vs teacher bank) + NCE(teacher vs student bank)]."""
 
+    search_space = {"crd_weight": ("float", 0.1, 4.0, {"log": True})}
+
     def __init__(self, student, teacher, num_train: int, num_negatives: int, weight: float, **kwargs):
         super().__init__(student, teacher, num_train=num_train, **kwargs)
         self.num_negatives, self.weight, self.epoch = num_negatives, weight, 0

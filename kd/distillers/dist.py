@@ -34,6 +34,8 @@ class DIST(Distiller):
     """loss = CE + beta * inter-class + gamma * intra-class (paper's CIFAR code: 2, 2, T = 4)."""
 
     standardizable = True
+    search_space = {"temperature": ("float", 1.0, 8.0, {"log": True}), "dist_beta": ("float", 0.5, 8.0, {"log": True}),
+                    "dist_gamma": ("float", 0.5, 8.0, {"log": True})}
 
     def __init__(self, student, teacher, temperature: float, beta: float, gamma: float, standardized=False, **kwargs):
         super().__init__(student, teacher, **kwargs)

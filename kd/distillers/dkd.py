@@ -31,6 +31,8 @@ class DKD(Distiller):
     over the first `warmup_epochs` (the paper: 20 of 240 epochs; default here: 1/12 of the run)."""
 
     standardizable = True
+    search_space = {"temperature": ("float", 1.0, 8.0, {"log": True}), "dkd_alpha": ("float", 0.25, 4.0, {"log": True}),
+                    "dkd_beta": ("float", 1.0, 16.0, {"log": True})}
 
     def __init__(self, student, teacher, temperature: float, alpha: float, beta: float, warmup_epochs=None, standardized=False, **kwargs):
         super().__init__(student, teacher, **kwargs)

@@ -35,6 +35,8 @@ class Adapter(nn.Module):
 class HiddenMSE(Distiller):
     """loss = CE(student, labels) + hidden_factor * MSE(student_layer, teacher_layer)."""
 
+    search_space = {"hidden_factor": ("float", 0.1, 100.0, {"log": True})}
+
     def __init__(self, student, teacher, student_layer: str, teacher_layer: str, hidden_factor: float, adapter=None, **kwargs):
         super().__init__(student, teacher, **kwargs)
         self.student_layer = student_layer

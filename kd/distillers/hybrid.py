@@ -8,6 +8,9 @@ class Hybrid(HiddenTrained):
     """loss = logits_factor * [(1-alpha) CE + alpha T^2 KL] + hidden_factor * MSE(adapter(s), t).
     The teacher runs once, to its logits, and its feature map is taken on the way."""
 
+    search_space = {"temperature": ("float", 1.0, 8.0, {"log": True}), "alpha": ("float", 0.1, 0.95),
+                    "hidden_factor": ("float", 0.1, 100.0, {"log": True})}
+
     def __init__(self, *args, temperature: float, alpha: float, logits_factor: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.temperature = temperature

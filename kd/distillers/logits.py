@@ -37,6 +37,7 @@ class LogitsKD(Distiller):
     logits at T = ls_temperature (the paper's CIFAR recipe: 0.1, 9 and 2)."""
 
     standardizable = True
+    search_space = {"temperature": ("float", 1.0, 8.0, {"log": True}), "alpha": ("float", 0.1, 0.95)}
 
     def __init__(self, student, teacher, temperature: float, alpha: float, standardized_weights=None, **kwargs):
         super().__init__(student, teacher, **kwargs)

@@ -1,0 +1,229 @@
+"""The leaderboard experiment, resumable: a teacher, the student baseline, and every
+distillation method with its paper defaults and tuned on validation (kd.tune), over seeds.
+
+    python -m kd.leaderboard run --dataset PATH --out DIR --budget cpu [--seeds 3] [--trials 12] [--modes ...] [--dry-run]
+
+Flags it does not know go to every training and search (e.g. --epochs 1 for a smoke test).
+Finished runs (metrics.json) are skipped, interrupted ones resumed (--resume), searches
+continued; P trainings run at a time. At the end, DIR/leaderboard.md and .png
+(`python -m kd.report DIR/runs --leaderboard`)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from kd.config import Parser
+from kd.distillers import DISTILLERS
+from kd.errors import RunError, UsageError, main_guard
+from kd.tune import SUPERVISED, methods
+
+PRESETS = Path(__file__).resolve().parents[1] / "presets"
+# Rows that are a method plus a switch: (method, its flags). Defaults only: the method's search
+# space does not act on what the switch changes (standardised logits use --ls-* settings).
+VARIANTS = {"logits-ls": ("logits", ["--logit-standardization"])}
+
+
+@dataclass(frozen=True)
+class Budget:
+    teacher: str  # preset of the teacher's training (presets/)
+    student: str  # preset of every student-side run: baseline, each method, each trial
+    parallel: int  # trainings at a time
+    threads: Optional[int]  # torch threads per training (None: torch's default)
+    trials: int  # default search budget per method
+    gpu_per_run: bool = False  # pin each parallel run to its own GPU (CUDA_VISIBLE_DEVICES)
+
+
+BUDGETS = {
+    # the thin pair cifar_resnet20 -> cifar_resnet8 at CPU epochs: 2 cores, one thread per run
+    "cpu": Budget("cpu-thin-teacher.yaml", "cpu-thin-student.yaml", parallel=2, threads=1, trials=12),
+    # the report's pair cifar_resnet14x4 -> cifar_resnet8x4 at GPU epochs: one run per GPU
+    "gpu": Budget("gpu-teacher.yaml", "gpu-student.yaml", parallel=1, threads=None, trials=30, gpu_per_run=True),
+}
+
+
+@dataclass
+class Job:
+    name: str
+    out: Path
+    command: List[str]
+    needs: List[str] = field(default_factory=list)
+    trials: Optional[int] = None  # a search: done when this many trials finished
+
+    def done(self) -> bool:
+        if self.trials is None:
+            return (self.out / "metrics.json").is_file()
+        summary = self.out / "tune.json"
+        return summary.is_file() and json.loads(summary.read_text())["trials"] >= self.trials
+
+    def status(self) -> str:
+        if self.done():
+            return "skip"
+        return "resume" if (self.out / "checkpoint").exists() or (self.out / "study.db").exists() else "run"
+
+
+def training(script: str, out: Path, flags: Sequence[str]) -> List[str]:
+    # an interrupted run continues from its checkpoint; a folder with no checkpoint is started over
+    resume = "--resume" if (out / "checkpoint").exists() else "--overwrite"
+    return [sys.executable, "-m", script, *flags, "--output-dir", str(out), resume]
+
+
+def without_flags(flags: Sequence[str], names: Sequence[str]) -> List[str]:
+    """`flags` less each `--name value` / `--name=value` of `names` (config field names)."""
+    dropped = {"--" + name.replace("_", "-") for name in names}
+    kept, skip_value = [], False
+    for flag in flags:
+        if skip_value:
+            skip_value = False
+        elif flag in dropped:
+            skip_value = True
+        elif flag.split("=", 1)[0] not in dropped:
+            kept.append(flag)
+    return kept
+
+
+def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: int, modes: Sequence[str], extra: Sequence[str]) -> List[Job]:
+    """Every run of the leaderboard, each with the runs it needs first, in the order they start:
+    the teacher, then every row's default run seed by seed (so that each row has n = 2, enough
+    for an interval, before any has n = 3), then each method's search and its tuned runs."""
+    runs, searches = out / "runs", out / "tune"
+    common = ["--dataset", dataset, "--report-to", "none", *extra]
+    teacher = runs / "teacher"
+    student = ["--config", str(PRESETS / budget.student), *common]
+    jobs = [Job("teacher", teacher, training("train_teacher", teacher, ["--config", str(PRESETS / budget.teacher), *common, "--seed", "0"]))]
+    rows = {}  # name -> (script, needs, flags naming the method)
+    for mode in dict.fromkeys([SUPERVISED, *modes]):  # the baseline's default runs always
+        base, switches = VARIANTS.get(mode, (mode, []))
+        if mode == SUPERVISED:
+            rows["student"] = ("train_student", [], [])
+        else:
+            rows[mode] = ("distill", ["teacher"], ["--teacher", str(teacher), "--mode", base, *switches])
+    for seed in range(seeds):
+        for name, (script, needs, method) in rows.items():
+            folder = runs / name / "default" / f"s{seed}"
+            jobs.append(Job(f"{name}/default/s{seed}", folder, training(script, folder, [*student, *method, "--seed", str(seed)]), needs))
+    for name, (script, needs, method) in rows.items():
+        mode = SUPERVISED if name == "student" else name
+        if trials == 0 or mode not in modes or mode in VARIANTS:
+            continue
+        search = searches / name
+        from_teacher = method[:2]  # --teacher DIR (nothing for the baseline)
+        jobs.append(Job(f"{name}/tune", search, [sys.executable, "-m", "kd.tune", "--method", mode, "--trials", str(trials),
+                                                 "--output-dir", str(search), *student, *from_teacher, "--seed", "0"], needs, trials=trials))
+        # the command line overrides --config: a searched setting among the extra flags would undo the search
+        tuned_common = ["--dataset", dataset, "--report-to", "none", *without_flags(extra, methods()[mode].search_space)]
+        for seed in range(seeds):
+            folder = runs / name / "tuned" / f"s{seed}"
+            flags = [*tuned_common, "--config", str(search / "best.yaml"), *method, "--seed", str(seed), "--tags", "tuned"]
+            jobs.append(Job(f"{name}/tuned/s{seed}", folder, training(script, folder, flags), [f"{name}/tune"]))
+    return jobs
+
+
+def print_plan(jobs: Sequence[Job]) -> None:
+    for job in jobs:
+        print(f"{job.status():6s} {job.name:28s} {' '.join(job.command[1:])}")
+    counts = {status: sum(job.status() == status for job in jobs) for status in ("run", "resume", "skip")}
+    print(f"plan: {counts['run']} to run, {counts['resume']} to resume, {counts['skip']} done")
+
+
+def start(job: Job, budget: Budget, slot: int) -> subprocess.Popen:
+    env = dict(os.environ)
+    if budget.threads:
+        env["OMP_NUM_THREADS"] = str(budget.threads)
+    if budget.gpu_per_run and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot)  # --parallel N on N GPUs: slot i trains on GPU i
+    job.out.parent.mkdir(parents=True, exist_ok=True)
+    log = open(f"{job.out}.log", "a")
+    return subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def execute(jobs: Sequence[Job], budget: Budget, parallel: int) -> List[str]:
+    """Run the jobs not done yet, `parallel` at a time, each once its needs are done; a failure
+    skips what needs it and the rest goes on. Returns the names that failed or were skipped."""
+    waiting = [job for job in jobs if not job.done()]
+    running: Dict[int, tuple] = {}  # slot -> (job, process, start time)
+    failed: List[str] = []
+    while waiting or running:
+        for slot, (job, process, began) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[slot]
+            ok = process.returncode == 0 and job.done()
+            print(f"{'done' if ok else 'FAILED'} {job.name}: {time.monotonic() - began:.0f} s" + ("" if ok else f" (see {job.out}.log)"), flush=True)
+            if not ok:
+                failed.append(job.name)
+        blocked = [job for job in waiting if any(need in failed for need in job.needs)]
+        for job in blocked:
+            print(f"skipped {job.name}: it needs {', '.join(need for need in job.needs if need in failed)}", flush=True)
+            failed.append(job.name)
+            waiting.remove(job)
+        busy = {job.name for job, _, _ in running.values()}
+        ready = [job for job in waiting if all(need not in busy and need not in {j.name for j in waiting} for need in job.needs)]
+        for slot in (s for s in range(parallel) if s not in running):
+            if not ready:
+                break
+            job = ready.pop(0)
+            waiting.remove(job)
+            running[slot] = (job, start(job, budget, slot), time.monotonic())
+        time.sleep(0.5)
+    return failed
+
+
+def all_modes() -> List[str]:
+    return [SUPERVISED, *DISTILLERS, *VARIANTS]
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m kd.leaderboard", description=__doc__.splitlines()[0], allow_abbrev=False,
+                    epilog="Every other flag is passed to each training and search.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="train and search what is not done yet, then write the leaderboard", allow_abbrev=False)
+    run.add_argument("--dataset", required=True, help="the data set folder or Hub id, for every run")
+    run.add_argument("--out", required=True, help="the experiment folder: runs/, tune/, leaderboard.md")
+    run.add_argument("--budget", required=True, choices=sorted(BUDGETS), help="cpu: cifar_resnet20 -> cifar_resnet8; gpu: cifar_resnet14x4 -> cifar_resnet8x4")
+    run.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default: 3)")
+    run.add_argument("--trials", type=int, help="kd.tune trials per method; 0: defaults only (default: the budget's)")
+    run.add_argument("--modes", nargs="+", help=f"methods (default: all: {' '.join(all_modes())}; variants are run with defaults only)")
+    run.add_argument("--parallel", type=int, help="trainings at a time (default: the budget's)")
+    run.add_argument("--dry-run", action="store_true", help="print the plan (run / resume / skip per run) and stop")
+    return parser
+
+
+@main_guard
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args, extra = build_parser().parse_known_args(argv)
+    budget = BUDGETS[args.budget]
+    modes = args.modes or all_modes()
+    unknown = [mode for mode in modes if mode not in all_modes()]
+    if unknown:
+        raise UsageError(f"unknown mode {unknown[0]!r}; choose from {', '.join(all_modes())}")
+    trials = budget.trials if args.trials is None else args.trials
+    if args.seeds < 1 or trials < 0 or (args.parallel is not None and args.parallel < 1):
+        raise UsageError("--seeds and --parallel must be >= 1 and --trials >= 0")
+    out = Path(args.out)
+    jobs = plan(out, budget, args.dataset, args.seeds, trials, modes, extra)
+    print_plan(jobs)
+    if args.dry_run:
+        return
+    failed = execute(jobs, budget, args.parallel or budget.parallel)
+    write_leaderboard(out)
+    if failed:
+        raise RunError(f"{len(failed)} run(s) failed or were skipped: {', '.join(failed)}; run the same command again to retry them")
+
+
+def write_leaderboard(out: Path) -> None:
+    """DIR/leaderboard.md and .png from the finished runs; a note instead when there is no baseline yet."""
+    from kd import report
+
+    try:
+        report.main.__wrapped__([str(out / "runs"), "--leaderboard", "--output", str(out / "leaderboard.md")])
+    except UsageError as error:
+        print(f"note: no leaderboard yet: {error}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

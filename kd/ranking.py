@@ -1,0 +1,163 @@
+"""The leaderboard (`python -m kd.report RUNS --leaderboard`): each configuration's rows of
+kd.report with its difference from the student baseline (95% Welch t interval over seeds), the
+settings it ran with (default or tuned), its cost per training image relative to the baseline,
+its wall time, and the precision and device it was measured on."""
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from kd import stats
+from kd.engine import format_duration
+from kd.errors import UsageError
+from kd.plots import save_png_atomic
+from kd.report import SHORT_NAMES, Row, Run, _cell, _fmt_value, _split_metrics
+
+COMPARED = (("accuracy", "accuracy"), ("f1_macro", "F1 macro"))
+PRECISION_NAMES = {"no": "fp32"}
+
+
+@dataclass
+class Entry:
+    row: Row
+    settings: str  # the method's searched hyperparameters, as this row ran them
+    deltas: Dict[str, Optional[stats.Difference]]  # metric -> row minus baseline; None: too few seeds
+    step_cost: Optional[float]  # seconds per training image relative to the baseline's (1.5: 50% slower)
+    wall_time_s: Optional[float]  # mean over runs of the summed epoch wall time
+    measured_on: str  # precision and device
+
+
+def is_default_student(row: Row) -> bool:
+    return all(run.config.get("role") == "student" and run.config.get("method", "supervised") == "supervised"
+               and "tuned" not in run.config.get("run", {}).get("tags", []) for run in row.runs)
+
+
+def pick_baseline(rows: Sequence[Row], label: Optional[str] = None) -> Row:
+    """The row every other is compared with: `label`, else the one student row with default settings."""
+    if label is not None:
+        match = [row for row in rows if row.label == label]
+        if not match:
+            raise UsageError(f"--baseline {label!r} is no row; rows: {', '.join(row.label for row in rows)}")
+        return match[0]
+    students = [row for row in rows if is_default_student(row)]
+    if len(students) != 1:
+        found = ", ".join(row.label for row in students) or "none"
+        raise UsageError(f"the leaderboard needs one student baseline row, found {found}; name it with --baseline LABEL")
+    return students[0]
+
+
+def history(run: Run) -> List[Dict]:
+    path = Path(run.path) / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def seconds_per_image(run: Run) -> Optional[float]:
+    """1 / the median epoch's images per second (the median: the first epoch carries warm-up)."""
+    speeds = [record["images_per_s"] for record in history(run) if record.get("images_per_s")]
+    return 1 / statistics.median(speeds) if speeds else None
+
+
+def wall_time_s(run: Run) -> Optional[float]:
+    """The epochs' wall time (training and validation) summed over the run, resumed parts
+    included; runs from before epoch_time_s was recorded give their training time."""
+    records = history(run)
+    key = "epoch_time_s" if records and all("epoch_time_s" in record for record in records) else "train_time_s"
+    times = [record[key] for record in records if key in record]
+    return sum(times) if times else None
+
+
+def _mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def searched_settings(run: Run) -> str:
+    from kd.tune import methods  # the spaces are declared on the method classes
+
+    method = run.config.get("method", "supervised")
+    space = getattr(methods().get(method), "search_space", {})
+    values = {**run.config["train"], **(run.config.get("distill") or {})}
+    shown = lambda value: f"{value:.3g}" if isinstance(value, float) else _fmt_value(value)  # noqa: E731
+    return ", ".join(f"{SHORT_NAMES.get(name, name)}={shown(values.get(name))}" for name in space)
+
+
+def measured_on(run: Run) -> str:
+    precision = run.config.get("mixed_precision") or run.config.get("run", {}).get("mixed_precision") or "?"
+    device = run.config.get("device")
+    return PRECISION_NAMES.get(precision, precision) + (f", {device}" if device else "")
+
+
+def _joined(values: Sequence[str]) -> str:
+    return " / ".join(dict.fromkeys(values))  # distinct, in order
+
+
+def entries(rows: Sequence[Row], baseline: Row, split: str = "test") -> List[Entry]:
+    base_cost = _mean(seconds_per_image(run) for run in baseline.runs)
+    out = []
+    for row in rows:
+        values = {key: [float(_split_metrics(run, split)[key]) for run in row.runs] for key, _ in COMPARED}
+        base = {key: [float(_split_metrics(run, split)[key]) for run in baseline.runs] for key, _ in COMPARED}
+        cost = _mean(seconds_per_image(run) for run in row.runs)
+        out.append(Entry(
+            row=row,
+            settings=_joined([searched_settings(run) for run in row.runs]),
+            deltas={key: None if row is baseline else stats.welch_interval(values[key], base[key]) for key, _ in COMPARED},
+            step_cost=cost / base_cost if cost and base_cost else None,
+            wall_time_s=_mean(wall_time_s(run) for run in row.runs),
+            measured_on=_joined([measured_on(run) for run in row.runs]),
+        ))
+    return out
+
+
+def _delta_cell(entry: Entry, key: str) -> str:
+    d = entry.deltas[key]
+    return "n/a (n < 2)" if d is None else f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
+
+
+def to_markdown(items: Sequence[Entry], baseline: Row, split: str = "test") -> str:
+    base_hardware = _joined([measured_on(run) for run in baseline.runs])
+    header = ["configuration", "settings", "n", "accuracy", "F1 macro", "Δ accuracy [95% CI]", "Δ F1 macro [95% CI]",
+              "step cost", "wall time", "measured on"]
+    lines = [
+        f"Leaderboard, {split} split: mean ± sample std over seeds (n runs), from the weights kept by validation macro F1. "
+        f"Δ: difference of means from the baseline `{baseline.label}`, with the 95% Welch t interval. "
+        "Step cost: time per training image relative to the baseline (median epoch). "
+        "Wall time: the epochs' wall time (training and validation) summed per run, mean over runs. "
+        "Rows marked ≠ were measured on other hardware or precision than the baseline: their cost columns do not compare.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|:--|:--|--:|--:|--:|--:|--:|--:|--:|:--|",
+    ]
+    for entry in items:
+        row = entry.row
+        differs = "≠ " if entry.measured_on != base_hardware else ""
+        cells = [row.label, entry.settings or "–", str(row.n), *(_cell(*row.stats[key]) for key, _ in COMPARED),
+                 *(("baseline" if row is baseline else _delta_cell(entry, key)) for key, _ in COMPARED),
+                 f"{entry.step_cost:.2f}×" if entry.step_cost else "–",
+                 format_duration(entry.wall_time_s) if entry.wall_time_s is not None else "–",
+                 differs + entry.measured_on]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def draw(items: Sequence[Entry], baseline: Row, path: Path) -> Path:
+    """Δ F1 macro from the baseline per row with its 95% interval as the error bar; rows with
+    too few seeds for an interval are drawn as a point."""
+    from matplotlib.figure import Figure
+
+    shown = [entry for entry in items if entry.row is not baseline]
+    figure = Figure(figsize=(8, 1.4 + 0.45 * max(1, len(shown))), layout="constrained")
+    axes = figure.subplots()
+    positions = range(len(shown))[::-1]  # the first (best) row on top
+    for position, entry in zip(positions, shown):
+        d = entry.deltas["f1_macro"]
+        mean = d.mean if d else entry.row.stats["f1_macro"][0] - baseline.stats["f1_macro"][0]
+        error = [[mean - d.low], [d.high - mean]] if d else None
+        axes.errorbar(mean, position, xerr=error, fmt="o", capsize=3, color="C0" if d else "grey")
+    axes.axvline(0, color="black", linewidth=0.8)
+    axes.set_yticks(list(positions), [f"{entry.row.label} (n={entry.row.n})" for entry in shown])
+    axes.set_xlabel(f"Δ test F1 macro from {baseline.label} (95% Welch interval)")
+    axes.grid(alpha=0.3, axis="x")
+    return save_png_atomic(figure, Path(path))

@@ -1,0 +1,265 @@
+"""Search one method's hyperparameters on the validation split (never on test).
+
+    python -m kd.tune --method logits --trials 20 --output-dir outputs/tune-logits \\
+        --teacher outputs/teacher --config presets/cpu-thin-student.yaml --dataset PATH
+
+Every flag it does not know goes to the training script (train_student.py for `supervised`,
+distill.py otherwise). The space searched is the method's own `search_space` (kd.distillers).
+Each trial is a real training run in OUTPUT_DIR/trials/; the objective is the validation macro
+F1 of the kept weights, and a trial whose per-epoch validation F1 falls below the median of
+earlier trials at that epoch is pruned (Optuna: seeded TPE sampler, median pruner). The study
+lives in OUTPUT_DIR/study.db (SQLite): run the same command again and it continues to the
+trial budget. Writes OUTPUT_DIR/best.yaml (a preset for --config), trials.png and tune.json."""
+
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from kd import cli
+from kd import config as kd_config
+from kd.config import DistillConfig, Parser, TrainConfig, parse
+from kd.distillers import DISTILLERS, Supervised
+from kd.errors import RunError, UsageError, main_guard
+from kd.export import write_json_atomic, write_text_atomic
+from kd.plots import save_png_atomic
+
+SUPERVISED = "supervised"  # the student baseline: train_student.py
+KINDS = ("float", "int", "categorical")
+PRUNE_STARTUP_TRIALS = 3  # trials that always finish before the median means anything
+NOT_IN_PRESET = ("seed", "max_train_samples", "max_eval_samples")  # the driver sets seeds; data sizes are the run's budget
+
+
+def methods() -> Dict[str, type]:
+    return {SUPERVISED: Supervised, **DISTILLERS}
+
+
+def search_space(method: str, only: Optional[Sequence[str]] = None) -> Dict[str, tuple]:
+    """The method's declared space (restricted to `only`), checked: each name a config field,
+    each entry (kind, ...) well formed."""
+    known = methods()
+    if method not in known:
+        raise UsageError(f"unknown method {method!r}; choose from {', '.join(known)}")
+    space = dict(known[method].search_space)
+    if only:
+        unknown = sorted(set(only) - set(space))
+        if unknown:
+            raise UsageError(f"--params {unknown[0]!r} is not in the search space of {method} ({', '.join(space) or 'empty'})")
+        space = {name: space[name] for name in only}
+    if not space:
+        raise UsageError(f"the search space of {method} is empty: declare search_space on its class in kd/distillers/")
+    fields = {f.name for cls in (TrainConfig, DistillConfig) for f in cls.__dataclass_fields__.values()}
+    for name, spec in space.items():
+        if name not in fields or not spec or spec[0] not in KINDS:
+            raise UsageError(f"{method}.search_space[{name!r}] = {spec!r}: want a config field and (float|int, low, high[, options]) or (categorical, choices)")
+    return space
+
+
+def suggest(trial, space: Dict[str, tuple]) -> Dict:
+    values = {}
+    for name, (kind, *args) in space.items():
+        if kind == "categorical":
+            values[name] = trial.suggest_categorical(name, list(args[0]))
+        else:
+            low, high, *options = args
+            suggest_number = trial.suggest_float if kind == "float" else trial.suggest_int
+            values[name] = suggest_number(name, low, high, **(options[0] if options else {}))
+    return values
+
+
+def to_flags(values: Dict) -> List[str]:
+    return [token for name, value in values.items() for token in ("--" + name.replace("_", "-"), str(value))]
+
+
+def training_entry(method: str):
+    """(parser, train(argv, on_epoch)) of the script that trains `method`; unguarded, so that a
+    user error reaches this command's own one-line handler."""
+    if method == SUPERVISED:
+        return (kd_config.build_parser("train_student.py", "", cli.ROLES["student"]),
+                lambda argv, on_epoch: cli.train.__wrapped__("student", argv, on_epoch=on_epoch))
+    return (kd_config.build_parser("distill.py", "", {**cli.ROLES["student"], "output_dir": None}, distill_modes=list(DISTILLERS)),
+            lambda argv, on_epoch: cli.distill.__wrapped__(argv, on_epoch=on_epoch))
+
+
+def check_training_args(method: str, training_args: List[str]) -> TrainConfig:
+    """Parse the training flags once, before any trial: a wrong flag fails now, in one line."""
+    parser, _ = training_entry(method)
+    cfg, _, _ = parse(parser, training_args + (["--mode", method] if method != SUPERVISED else []))
+    if cfg.val_size <= 0:
+        raise UsageError("kd.tune selects on the validation split: --val-size must be > 0")
+    return cfg
+
+
+def trial_argv(method: str, training_args: List[str], values: Dict, run_dir: Path) -> List[str]:
+    mode = ["--mode", method] if method != SUPERVISED else []
+    # trackers off unless the flags ask for one; the sampled values come after the user's flags, so they win
+    return ["--report-to", "none", *training_args, *mode, *to_flags(values), "--output-dir", str(run_dir), "--overwrite"]
+
+
+def make_objective(method: str, space: Dict[str, tuple], training_args: List[str], out: Path, epochs: int):
+    import optuna
+
+    _, train = training_entry(method)
+
+    def on_epoch_for(trial):
+        def on_epoch(record: Dict) -> None:
+            if "val_f1_macro" not in record:
+                raise UsageError("kd.tune needs validation metrics every epoch (--val-size > 0)")
+            trial.report(record["val_f1_macro"], record["epoch"])
+            if record["epoch"] < epochs and trial.should_prune():  # a trial at its last epoch has spent its budget: keep it
+                raise optuna.TrialPruned(f"val f1_macro {record['val_f1_macro']:.4f} at epoch {record['epoch']}, below the median")
+        return on_epoch
+
+    def objective(trial) -> float:
+        values = suggest(trial, space)
+        run_dir = out / "trials" / f"{trial.number:03d}"
+        trial.set_user_attr("run_dir", str(run_dir))
+        try:
+            metrics = train(trial_argv(method, training_args, values, run_dir), on_epoch_for(trial))
+        except RunError as error:  # a diverging setting (non-finite loss) is a result, not a crash: prune it
+            raise optuna.TrialPruned(str(error)) from error
+        return metrics["val"]["f1_macro"]  # the kept weights' validation score; test is never read
+
+    return objective
+
+
+def open_study(out: Path, method: str, sampler_seed: int, prune_from_epoch: int, training_args: List[str]):
+    """The study of `out`, created or loaded; trials a killed search left running are marked failed."""
+    import optuna
+
+    storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    others = [name for name in optuna.get_all_study_names(storage) if name != method]
+    if others:
+        raise UsageError(f"{out} holds a search for {others[0]!r}; use another --output-dir for {method!r}")
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNE_STARTUP_TRIALS, n_warmup_steps=prune_from_epoch)
+    study = optuna.create_study(study_name=method, storage=storage, direction="maximize", pruner=pruner, load_if_exists=True)
+    saved = study.user_attrs.get("training_args")
+    if saved is not None and saved != training_args:
+        raise UsageError(f"{out} was searched with training flags {' '.join(saved)}; resume with the same flags or use another --output-dir")
+    study.set_user_attr("training_args", training_args)
+    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+        print(f"trial {stale.number} was interrupted; marked failed, it does not count toward --trials", file=sys.stderr)
+    # reseeded by the history's length: a resumed search draws new points, still reproducibly
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.trials), n_startup_trials=PRUNE_STARTUP_TRIALS)
+    return study
+
+
+def finished(study) -> List:
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return study.get_trials(deepcopy=False, states=states)
+
+
+def trial_line(study, trial) -> str:
+    values = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    if trial.state.name == "COMPLETE":
+        return f"trial {trial.number}: {values} -> val f1_macro {trial.value:.4f} (best so far {study.best_value:.4f})"
+    last = max(trial.intermediate_values, default=None)
+    where = f" at epoch {last}, val f1_macro {trial.intermediate_values[last]:.4f}" if last else ""
+    return f"trial {trial.number}: {values} -> {trial.state.name.lower()}{where}"
+
+
+def write_preset(study, method: str, path: Path) -> Dict:
+    """The best trial's hyperparameters as a --config preset: its resolved train (and distill)
+    settings, without the seed and the data sizes."""
+    import yaml
+
+    best = study.best_trial
+    resolved = json.loads((Path(best.user_attrs["run_dir"]) / "run_config.json").read_text())
+    preset = {k: v for k, v in resolved["train"].items() if k not in NOT_IN_PRESET}
+    preset.update(resolved.get("distill") or {})
+    header = (f"# kd.tune: best of {len(finished(study))} trials for {method}, trial {best.number}, "
+              f"validation macro F1 {best.value:.4f}\n# searched: {', '.join(best.params)}\n")
+    write_text_atomic(path, header + yaml.safe_dump(preset, sort_keys=False))
+    return preset
+
+
+def plot_trials(study, path: Path) -> Path:
+    """Left: each trial's final validation F1 (pruned ones at their last report) and the best so
+    far; right: the per-epoch validation F1 of every trial, which is what the pruner compares."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 3.8), layout="constrained")
+    by_trial, by_epoch = figure.subplots(1, 2)
+    best, best_line = -1.0, []
+    for trial in finished(study):
+        complete = trial.state.name == "COMPLETE"
+        last = trial.intermediate_values.get(max(trial.intermediate_values, default=0))
+        score = trial.value if complete else last
+        if score is not None:
+            by_trial.plot(trial.number, score, "o" if complete else "x", color="C0" if complete else "grey")
+        if complete:
+            best = max(best, trial.value)
+            best_line.append((trial.number, best))
+        epochs = sorted(trial.intermediate_values)
+        by_epoch.plot(epochs, [trial.intermediate_values[e] for e in epochs], "-" if complete else ":",
+                      color="C0" if complete else "grey", alpha=0.7, marker="o", markersize=2)
+    if best_line:
+        by_trial.step(*zip(*best_line), where="post", color="C1", label="best so far")
+        by_trial.legend(fontsize="small")
+    by_trial.set(title=f"{study.study_name}: trials (x: pruned)", xlabel="trial", ylabel="validation F1 macro")
+    by_epoch.set(title="per epoch (dotted: pruned)", xlabel="epoch", ylabel="validation F1 macro")
+    for axes in (by_trial, by_epoch):
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.grid(alpha=0.3)
+    return save_png_atomic(figure, path)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m kd.tune", description=__doc__.splitlines()[0], allow_abbrev=False,
+                    epilog="Every other flag is passed to the training script of the method.")
+    parser.add_argument("--method", required=True, help=f"what to tune: {', '.join(methods())}")
+    parser.add_argument("--trials", type=int, required=True, help="trial budget of the search (finished + pruned trials, over all resumes)")
+    parser.add_argument("--output-dir", required=True, help="the search folder: study.db, trials/, best.yaml, trials.png")
+    parser.add_argument("--params", nargs="+", help="search only these names of the method's space")
+    parser.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (the trials' training seed is --seed)")
+    parser.add_argument("--prune-from-epoch", type=int, default=2, help="first epoch at which a trial may be pruned")
+    return parser
+
+
+@main_guard
+def tune(argv: Optional[Sequence[str]] = None) -> Dict:
+    """Run (or continue) the search; returns tune.json's content."""
+    args, training_args = build_parser().parse_known_args(argv)
+    if args.trials <= 0:
+        raise UsageError(f"--trials must be positive, got {args.trials}")
+    space = search_space(args.method, args.params)
+    epochs = check_training_args(args.method, training_args).epochs
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial; a failing trial ends in one error line, no traceback
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    study = open_study(out, args.method, args.sampler_seed, args.prune_from_epoch, training_args)
+    remaining = args.trials - len(finished(study))
+    if remaining > 0:
+        print(f"tune {args.method}: {len(finished(study))} of {args.trials} trials done, running {remaining} (space: {', '.join(space)})")
+        study.optimize(make_objective(args.method, space, training_args, out, epochs), n_trials=remaining,
+                       callbacks=[lambda study, trial: print(trial_line(study, trial), flush=True)])
+    return summarize(study, args.method, out)
+
+
+def summarize(study, method: str, out: Path) -> Dict:
+    done = finished(study)
+    if not any(trial.state.name == "COMPLETE" for trial in done):
+        raise RunError(f"no trial of {method} finished (all {len(done)} pruned); nothing to write")
+    preset = write_preset(study, method, out / "best.yaml")
+    plot_trials(study, out / "trials.png")
+    best = study.best_trial
+    summary = {"method": method, "trials": len(done), "pruned": sum(t.state.name == "PRUNED" for t in done),
+               "best_trial": best.number, "best_val_f1_macro": best.value, "best_params": best.params, "preset": preset}
+    write_json_atomic(out / "tune.json", summary)
+    print(f"best of {method}: trial {best.number}, val f1_macro {best.value:.4f}, "
+          + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
+          + f" | {summary['trials']} trials, {summary['pruned']} pruned | wrote {out / 'best.yaml'}, {out / 'trials.png'}")
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:  # None: the console script exits 0
+    tune(argv)
+
+
+if __name__ == "__main__":
+    main()

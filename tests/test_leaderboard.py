@@ -1,0 +1,106 @@
+"""The leaderboard driver: its plan (--dry-run) over fabricated run folders, what it skips and
+resumes, new methods joining by themselves, and the scheduler on stand-in commands."""
+
+import json
+import sys
+
+import pytest
+
+from kd import leaderboard
+from kd.distillers import DISTILLERS, Distiller
+
+
+def plan_lines(capsys, tmp_path, *flags):
+    leaderboard.main(["run", "--dataset", "data/cifar10", "--out", str(tmp_path / "lb"), "--budget", "cpu", "--dry-run", *flags])
+    lines = capsys.readouterr().out.splitlines()
+    return {line.split()[1]: line for line in lines[:-1]}, lines[-1]
+
+
+def finished(folder):
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text("{}")
+
+
+def test_dry_run_plans_every_method_and_skips_what_is_done(tmp_path, capsys, monkeypatch):
+    class NewMethod(Distiller):
+        search_space = {"temperature": ("float", 1.0, 8.0)}
+
+    monkeypatch.setitem(DISTILLERS, "new-method", NewMethod)  # a method added later joins by itself
+    root = tmp_path / "lb"
+    finished(root / "runs" / "teacher")
+    finished(root / "runs" / "student" / "default" / "s0")
+    (root / "runs" / "logits" / "default" / "s1" / "checkpoint").mkdir(parents=True)  # interrupted
+    (root / "tune" / "logits").mkdir(parents=True)
+    (root / "tune" / "logits" / "tune.json").write_text(json.dumps({"trials": 3}))
+    before = sorted(p for p in root.rglob("*"))
+    plan, summary = plan_lines(capsys, tmp_path, "--seeds", "2", "--trials", "3")
+    methods = ["student", *DISTILLERS]
+    expected = ["teacher"] + [f"{m}/{kind}" for m in methods for kind in ("default/s0", "default/s1", "tune", "tuned/s0", "tuned/s1")]
+    expected += [f"{v}/default/s{seed}" for v in leaderboard.VARIANTS for seed in (0, 1)]  # a switch's rows: defaults only
+    assert sorted(plan) == sorted(expected)
+    order = list(plan)  # seed by seed across the rows, then the searches
+    assert order.index("at/default/s0") < order.index("student/default/s1") < order.index("logits-ls/default/s1") < order.index("student/tune")
+    status = {name: line.split()[0] for name, line in plan.items()}
+    assert status["teacher"] == status["student/default/s0"] == status["logits/tune"] == "skip"
+    assert status["logits/default/s1"] == "resume" and "--resume" in plan["logits/default/s1"]
+    assert status["new-method/default/s0"] == "run" and "--overwrite" in plan["new-method/default/s0"]
+    assert "--mode new-method --seed 0" in plan["new-method/default/s0"] and "-m distill " in plan["new-method/default/s0"]
+    assert "-m kd.tune --method supervised --trials 3" in plan["student/tune"]
+    assert "--mode logits --logit-standardization --seed 1" in plan["logits-ls/default/s1"]
+    tuned = plan["hidden/tuned/s1"]
+    assert f"--config {root}/tune/hidden/best.yaml" in tuned and "--tags tuned" in tuned and "--seed 1" in tuned
+    assert "--dataset data/cifar10" in tuned and "--epochs" not in tuned
+    assert summary == f"plan: {len(expected) - 4} to run, 1 to resume, 3 done"
+    assert sorted(p for p in root.rglob("*")) == before  # a dry run writes nothing
+    plan, _ = plan_lines(capsys, tmp_path, "--seeds", "1", "--trials", "4", "--modes", "logits", "--epochs", "1", "--temperature", "2", "--alpha=0.5")
+    assert sorted(plan) == ["logits/default/s0", "logits/tune", "logits/tuned/s0", "student/default/s0", "teacher"]
+    assert plan["logits/tune"].split()[0] == "run"  # 3 of 4 trials: the search goes on
+    assert all("--epochs 1 " in line for line in plan.values())  # unknown flags reach every run and search
+    assert "--temperature 2 --alpha=0.5" in plan["logits/default/s0"] and "--temperature 2 --alpha=0.5" in plan["logits/tune"]
+    # ...except a searched setting in a tuned run: it would override the tuned preset (the command line beats --config)
+    assert "--temperature" not in plan["logits/tuned/s0"] and "--alpha" not in plan["logits/tuned/s0"]
+    plan, _ = plan_lines(capsys, tmp_path, "--seeds", "1", "--trials", "0", "--modes", "at")
+    assert sorted(plan) == ["at/default/s0", "student/default/s0", "teacher"]  # --trials 0: defaults only
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--budget", "cpu", "--modes", "nope"], "unknown mode 'nope'"),
+    (["--budget", "tpu"], "argument --budget: invalid choice: 'tpu'"),
+    (["--budget", "cpu", "--seeds", "0"], "--seeds and --parallel must be >= 1"),
+])
+def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        leaderboard.main(["run", "--dataset", "d", "--out", str(tmp_path / "lb"), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+STAND_IN = ("import pathlib, sys, time\n"
+            "out, log, fail = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3] == '1'\n"
+            "open(log, 'a').write(f'start {out.name}\\n'); time.sleep(0.3)\n"
+            "if not fail: out.mkdir(parents=True, exist_ok=True); (out / 'metrics.json').write_text('{}')\n"
+            "open(log, 'a').write(f'end {out.name}\\n'); sys.exit(3 if fail else 0)\n")
+
+
+def test_scheduler_order_parallelism_and_failures(tmp_path, capsys):
+    log = tmp_path / "order.log"
+
+    def job(name, needs=(), fail=False):
+        return leaderboard.Job(name, tmp_path / name, [sys.executable, "-c", STAND_IN, str(tmp_path / name), str(log), "1" if fail else "0"], list(needs))
+
+    finished(tmp_path / "old")
+    jobs = [job("old"), job("a"), job("b", ["a", "old"]), job("c"), job("bad", fail=True), job("after-bad", ["bad"]), job("d", ["b"])]
+    failed = leaderboard.execute(jobs, leaderboard.BUDGETS["cpu"], parallel=2)
+    assert sorted(failed) == ["after-bad", "bad"]
+    events = log.read_text().split("\n")[:-1]
+    assert "start old" not in events and "start after-bad" not in events  # done before; needs a failure
+    assert events.index("end a") < events.index("start b") < events.index("end b") < events.index("start d")
+    running, most = 0, 0
+    for event in events:
+        running += 1 if event.startswith("start") else -1
+        most = max(most, running)
+    assert most <= 2
+    out = capsys.readouterr().out
+    assert "FAILED bad" in out and "skipped after-bad: it needs bad" in out
+    assert all((tmp_path / name / "metrics.json").exists() for name in ("a", "b", "c", "d"))

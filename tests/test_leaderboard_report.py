@@ -1,0 +1,92 @@
+"""The leaderboard of kd.report on run folders written by hand (as tests/test_report.py does):
+Welch intervals against hand-computed values, step cost and time from history.jsonl, default
+and tuned rows, hardware marks."""
+
+import json
+import math
+
+import pytest
+
+from kd import ranking, report, stats
+from kd.errors import UsageError
+from test_report import DISTILL, write_run
+
+
+def test_welch_interval_equal_variances_hand_computed():
+    # means 0.78 and 0.72, both variances 4e-4 with n = 3: se = sqrt(2 * 4e-4 / 3) = 0.0163299,
+    # Welch dof = (2v/3)^2 / (2 (v/3)^2 / 2) = 4, t(0.975, 4) = 2.776445 (tables): half width 0.0453390
+    d = stats.welch_interval([0.76, 0.78, 0.80], [0.70, 0.72, 0.74])
+    assert d.dof == pytest.approx(4.0)
+    assert (d.mean, d.low, d.high) == pytest.approx((0.06, 0.06 - 0.0453390, 0.06 + 0.0453390), abs=1e-6)
+
+
+def test_welch_interval_unequal_samples_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    a, b = [0.81, 0.79, 0.84, 0.80], [0.70, 0.75]
+    expected = scipy_stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    d = stats.welch_interval(a, b)
+    # Welch-Satterthwaite by hand: s_a^2 = (0 + 4e-4 + 9e-4 + 1e-4) / 3, s_b^2 = 2 * 0.025^2 / 1
+    share_a, share_b = 0.0014 / 3 / 4, 0.00125 / 2
+    assert d.dof == pytest.approx((share_a + share_b) ** 2 / (share_a**2 / 3 + share_b**2 / 1), rel=1e-9)
+    assert (d.low, d.high) == pytest.approx((expected.low, expected.high), abs=1e-9)
+
+
+def test_welch_needs_two_values_each_side_and_handles_no_spread():
+    assert stats.welch_interval([0.7], [0.6, 0.7]) is None
+    d = stats.welch_interval([0.7, 0.7], [0.6, 0.6])
+    assert (d.mean, d.low, d.high) == pytest.approx((0.1, 0.1, 0.1)) and math.isinf(d.dof)
+
+
+def with_history(folder, images_per_s, epoch_time_s, epochs=3, device="cpu (AMD EPYC, 1 threads)", precision="no", tags=(), old=False):
+    """Add what the leaderboard reads beyond the report: history.jsonl and the hardware. `old`:
+    a history from before epoch_time_s, with training time only (half the epoch's here)."""
+    times = {"train_time_s": epoch_time_s} if old else {"train_time_s": epoch_time_s / 2, "epoch_time_s": epoch_time_s}
+    (folder / "history.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "images_per_s": images_per_s * (0.5 if e == 1 else 1.0), **times}) + "\n"
+        for e in range(1, epochs + 1)))
+    config = json.loads((folder / "run_config.json").read_text())
+    config.update(mixed_precision=precision, device=device)
+    config["run"]["tags"] = list(tags)
+    (folder / "run_config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture
+def board_root(tmp_path):
+    root = tmp_path / "board"
+    teacher = write_run(root / "teacher", (0.85, 0.85, 0.85, 0.85), model="cifar_resnet20", role="teacher")
+    with_history(teacher, 100, 120)
+    for seed, f1 in enumerate((0.70, 0.72, 0.74)):
+        with_history(write_run(root / "student" / f"s{seed}", (f1, f1, f1, f1), seed=seed, role="student"), 200, 60)
+    for seed, f1 in enumerate((0.76, 0.78, 0.80)):
+        with_history(write_run(root / "logits" / "default" / f"s{seed}", (f1, f1, f1, f1), seed=seed, distill=DISTILL,
+                               teacher=str(teacher)), 100, 90)
+    tuned = {**DISTILL, "temperature": 2.5, "alpha": 0.75}
+    with_history(write_run(root / "logits" / "tuned" / "s0", (0.81, 0.81, 0.81, 0.81), distill=tuned, teacher=str(teacher)),
+                 50, 100, device="cuda (NVIDIA H100)", precision="bf16", tags=("tuned",), old=True)
+    return root
+
+
+def test_leaderboard_rows(board_root, tmp_path, capsys):
+    output = tmp_path / "board.md"
+    report.main([str(board_root), "--leaderboard", "--output", str(output)])
+    markdown = output.read_text()
+    assert capsys.readouterr().out == markdown
+    rows = {line.split(" | ")[0][2:]: line for line in markdown.splitlines() if line.startswith("| ") and " | " in line}
+    assert rows["student (cifar_resnet8)"] == ("| student (cifar_resnet8) | lr=0.1, weight_decay=0.0005, label_smoothing=0 | 3 | "
+                                                "0.7200 ± 0.0200 | 0.7200 ± 0.0200 | baseline | baseline | 1.00× | 3m00s | fp32, cpu (AMD EPYC, 1 threads) |")
+    # 0.06 ± 0.0453390 (see the hand computation above); half the baseline's images/s: 2x the step cost; 3 x 90 s
+    assert rows["distill logits (cifar_resnet8)"] == ("| distill logits (cifar_resnet8) | T=4, alpha=0.9 | 3 | 0.7800 ± 0.0200 | 0.7800 ± 0.0200 | "
+                                                      "+0.0600 [+0.0147, +0.1053] | +0.0600 [+0.0147, +0.1053] | 2.00× | 4m30s | "
+                                                      "fp32, cpu (AMD EPYC, 1 threads) |")
+    assert rows["distill logits (cifar_resnet8) tuned"] == ("| distill logits (cifar_resnet8) tuned | T=2.5, alpha=0.75 | 1 | 0.8100 | 0.8100 | "
+                                                            "n/a (n < 2) | n/a (n < 2) | 4.00× | 5m00s | ≠ bf16, cuda (NVIDIA H100) |")
+    assert (tmp_path / "board.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_leaderboard_needs_one_baseline(board_root):
+    rows = report.table_rows(report.load_runs([board_root / "logits"]))
+    with pytest.raises(UsageError, match="needs one student baseline row, found none"):
+        ranking.pick_baseline(rows)
+    assert ranking.pick_baseline(rows, "distill logits (cifar_resnet8)").label == "distill logits (cifar_resnet8)"
+    with pytest.raises(UsageError, match="--baseline 'nope' is no row"):
+        ranking.pick_baseline(rows, "nope")

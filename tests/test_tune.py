@@ -1,0 +1,120 @@
+"""kd.tune: a real Optuna study (SQLite in tmp_path) over real tiny training runs, resumed after
+a simulated kill; the per-epoch hook of the runner; one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, read_json
+from kd import cli, tune
+from kd.config import build_parser, parse
+from kd.distillers import DISTILLERS, Distiller
+
+TUNE_FLAGS = ["--model", "cifar_resnet8", "--epochs", "1", "--batch-size", "32", "--val-size", "32", "--lr", "0.05"]
+
+
+def run_tune(*args) -> subprocess.CompletedProcess:
+    """`python -m kd.tune ...` as a user runs it; fails the test on a non-zero exit."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "kd.tune", *map(str, args)], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def load_study(folder):
+    import optuna
+
+    return optuna.load_study(study_name="supervised", storage=f"sqlite:///{folder / 'study.db'}")
+
+
+def test_search_writes_preset_and_resumes_after_a_kill(tiny_dataset, tmp_path):
+    out = tmp_path / "tune"
+    first = run_tune("--method", "supervised", "--trials", "1", "--output-dir", out, "--dataset", tiny_dataset, *TUNE_FLAGS)
+    assert "0 of 1 trials done, running 1" in first.stdout
+    assert len(load_study(out).trials) == 1
+    load_study(out).ask()  # a trial that was running when the search was killed: RUNNING forever in the database
+    second = run_tune("--method", "supervised", "--trials", "2", "--output-dir", out, "--dataset", tiny_dataset, *TUNE_FLAGS)
+    assert "trial 1 was interrupted" in second.stderr
+    assert "1 of 2 trials done, running 1" in second.stdout  # continues the count; the killed trial is not counted
+    trials = load_study(out).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[0].params != trials[2].params  # the resumed sampler drew a new point
+    for trial in (trials[0], trials[2]):
+        run_dir = out / "trials" / f"{trial.number:03d}"
+        assert trial.user_attrs["run_dir"] == str(run_dir)
+        assert trial.value == read_json(run_dir / "metrics.json")["val"]["f1_macro"]  # the objective is validation F1
+        assert trial.intermediate_values == {1: read_json(run_dir / "metrics.json")["val"]["f1_macro"]}  # reported per epoch
+        assert read_json(run_dir / "run_config.json")["train"]["lr"] == trial.params["lr"]  # the sampled value trained
+    best = max((trials[0], trials[2]), key=lambda t: t.value)
+    summary = read_json(out / "tune.json")
+    assert summary["trials"] == 2 and summary["best_trial"] == best.number and summary["best_params"] == best.params
+    assert (out / "trials.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"best of supervised: trial {best.number}" in second.stdout
+    # best.yaml is a preset that train_student.py takes: the best trial's values, the rest of its settings
+    cfg, _, _ = parse(build_parser("train_student.py", "", cli.ROLES["student"]), ["--config", str(out / "best.yaml")])
+    assert (cfg.lr, cfg.weight_decay, cfg.label_smoothing) == (best.params["lr"], best.params["weight_decay"], best.params["label_smoothing"])
+    assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.val_size) == ("cifar_resnet8", 1, 32, 32)
+    third = run_tune("--method", "supervised", "--trials", "2", "--output-dir", out, "--dataset", tiny_dataset, *TUNE_FLAGS)
+    assert "running" not in third.stdout and len(load_study(out).trials) == 3  # budget reached: nothing trained
+
+
+def test_epoch_callback_sees_each_record_and_can_stop_the_run(tiny_dataset, tmp_path):
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def on_epoch(record):
+        seen.append(record)
+        raise Stop
+
+    out = tmp_path / "run"
+    argv = ["--dataset", str(tiny_dataset), *TUNE_FLAGS, "--epochs", "3", "--report-to", "none", "--output-dir", str(out)]
+    with pytest.raises(Stop):
+        cli.train("student", argv, on_epoch=on_epoch)
+    assert [r["epoch"] for r in seen] == [1] and "val_f1_macro" in seen[0]
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert history == [json.loads(json.dumps(seen[0]))]  # called after the epoch was saved
+    assert (out / "checkpoint").is_dir() and not (out / "metrics.json").exists()  # stopped there, resumable
+
+
+class NoSpace(Distiller):
+    pass
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "nope", "--trials", "2"], "unknown method 'nope'"),
+    (["--method", "logits", "--trials", "0"], "--trials must be positive"),
+    (["--method", "no-space", "--trials", "2"], "the search space of no-space is empty"),
+    (["--method", "logits", "--trials", "2", "--params", "lr"], "--params 'lr' is not in the search space of logits"),
+    (["--method", "supervised", "--trials", "2", "--val-size", "0"], "--val-size must be > 0"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(DISTILLERS, "no-space", NoSpace)
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main([*argv, "--output-dir", str(tmp_path / "tune")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "tune").exists()  # nothing created
+
+
+def test_every_method_declares_a_valid_space():
+    for method in tune.methods():
+        space = tune.search_space(method)  # raises on a malformed entry or an empty space
+        assert space, method
+
+
+def test_error_inside_a_trial_is_one_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(["--method", "logits", "--trials", "1", "--output-dir", str(tmp_path / "tune"), "--teacher", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "missing" in err[0], err
+    import optuna
+
+    study = optuna.load_study(study_name="logits", storage=f"sqlite:///{tmp_path / 'tune' / 'study.db'}")
+    assert [trial.state.name for trial in study.trials] == ["FAIL"]  # recorded, and not counted toward --trials
