@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 from kd.config import Parser
 from kd.distillers import DISTILLERS
+from kd.engine import format_duration
 from kd.errors import RunError, UsageError, main_guard
 from kd.tune import SUPERVISED, methods
 
@@ -209,7 +210,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print_plan(jobs)
     if args.dry_run:
         return
+    to_do, began = sum(not job.done() for job in jobs), time.monotonic()
     failed = execute(jobs, budget, args.parallel or budget.parallel)
+    print(f"driver: {to_do - len(failed)} of {to_do} jobs finished in {format_duration(time.monotonic() - began)} "
+          f"({args.parallel or budget.parallel} at a time); {len(jobs) - to_do} were done before", flush=True)
     write_leaderboard(out)
     if failed:
         raise RunError(f"{len(failed)} run(s) failed or were skipped: {', '.join(failed)}; run the same command again to retry them")

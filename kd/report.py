@@ -21,7 +21,7 @@ from kd.export import write_text_atomic
 
 METRICS = (("accuracy", "accuracy"), ("f1_macro", "F1 macro"), ("precision_macro", "precision macro"), ("recall_macro", "recall macro"))
 NOT_SETTINGS = {"seed"}  # differs between the runs a row folds together
-SHORT_NAMES = {"temperature": "T"}  # how a differing setting is written in a label
+SHORT_NAMES = {"temperature": "T", "logit_standardization": "LS"}  # how a differing setting is written in a label
 
 
 @dataclass

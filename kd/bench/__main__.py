@@ -40,7 +40,9 @@ def _cell(value, unit: str = "") -> str:
         return value
     if not math.isfinite(value):
         return "nan"
-    return f"{value:.3f}" if not unit else f"{value:,.0f} {unit}" if abs(value) >= 100 else f"{value:.1f} {unit}"
+    if not unit:  # a ratio: three decimals, or two significant digits below 0.001 (never a bare 0.000)
+        return f"{value:.3f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.2g}"
+    return f"{value:,.0f} {unit}" if abs(value) >= 100 else f"{value:.1f} {unit}"
 
 
 def render(rows: List[Row], header: str) -> str:

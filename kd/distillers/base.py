@@ -95,7 +95,7 @@ class Distiller(nn.Module):
 class Supervised(Distiller):
     """Plain training on the labels: train_teacher.py and train_student.py."""
 
-    search_space = {"lr": ("float", 0.02, 0.5, {"log": True}), "weight_decay": ("float", 1e-4, 2e-3, {"log": True}),
+    search_space = {"lr": ("float", 0.05, 1.0, {"log": True}), "weight_decay": ("float", 1e-4, 2e-3, {"log": True}),
                     "label_smoothing": ("float", 0.0, 0.2)}
 
     def forward(self, images, labels, index=None):
