@@ -7,7 +7,9 @@ Every flag it does not know goes to the training script (train_student.py for `s
 distill.py otherwise). The space searched is the method's own `search_space` (kd.distillers).
 Each trial is a real training run in OUTPUT_DIR/trials/; the objective is the validation macro
 F1 of the kept weights, and a trial whose per-epoch validation F1 falls below the median of
-earlier trials at that epoch is pruned (Optuna: seeded TPE sampler, median pruner). The study
+earlier trials at that epoch is pruned (Optuna: seeded TPE sampler, median pruner). `--grid
+NAME=V1,V2 ...` tries those points instead, in order (each inside the declared space): on a
+budget of a few trials a small grid says more than a few random draws. The study
 lives in OUTPUT_DIR/study.db (SQLite): run the same command again and it continues to the
 trial budget. Writes OUTPUT_DIR/best.yaml (a preset for --config), trials.png and tune.json."""
 
@@ -53,6 +55,55 @@ def search_space(method: str, only: Optional[Sequence[str]] = None) -> Dict[str,
         if name not in fields or not spec or spec[0] not in KINDS:
             raise UsageError(f"{method}.search_space[{name!r}] = {spec!r}: want a config field and (float|int, low, high[, options]) or (categorical, choices)")
     return space
+
+
+def parse_grid(method: str, specs: Sequence[str]) -> Dict[str, list]:
+    """`--grid NAME=V1,V2 ...` -> {name: [values]}, each value typed by the declared space and inside it."""
+    declared = search_space(method)
+    grid = {}
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        if not values or name in grid:
+            raise UsageError(f"--grid wants NAME=V1,V2,... once per name (e.g. dkd_beta=1,2,4), got {spec!r}")
+        if name not in declared:
+            raise UsageError(f"--grid {name!r} is not in the search space of {method} ({', '.join(declared)})")
+        kind, *args = declared[name]
+        grid[name] = [grid_value(method, name, kind, args, text) for text in values.split(",")]
+    return grid
+
+
+def grid_value(method: str, name: str, kind: str, args: list, text: str):
+    if kind == "categorical":
+        by_text = {str(choice): choice for choice in args[0]}
+        if text not in by_text:
+            raise UsageError(f"--grid {name}={text} is not among the choices of {method}: {', '.join(by_text)}")
+        return by_text[text]
+    try:
+        value = (float if kind == "float" else int)(text)
+    except ValueError:
+        raise UsageError(f"--grid {name}={text}: want a number ({kind})") from None
+    low, high = args[0], args[1]
+    if not low <= value <= high:
+        raise UsageError(f"--grid {name}={text} is outside the declared space of {method} ({low} to {high})")
+    return value
+
+
+def grid_points(grid: Dict[str, list]) -> List[Dict]:
+    import itertools
+
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def enqueue_grid(study, grid: Dict[str, list]) -> None:
+    """Queue each grid point no finished or queued trial holds yet, in order; an interrupted
+    trial (marked failed) is queued again."""
+    import optuna
+
+    held = [trial.params for trial in finished(study)]
+    held += [trial.params for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))]
+    for point in grid_points(grid):
+        if point not in held:
+            study.enqueue_trial(point)
 
 
 def suggest(trial, space: Dict[str, tuple]) -> Dict:
@@ -123,7 +174,7 @@ def make_objective(method: str, space: Dict[str, tuple], training_args: List[str
     return objective
 
 
-def open_study(out: Path, method: str, sampler_seed: int, prune_from_epoch: int, training_args: List[str]):
+def open_study(out: Path, method: str, sampler_seed: int, prune_from_epoch: int, training_args: List[str], grid: Optional[Dict] = None):
     """The study of `out`, created or loaded; trials a killed search left running are marked failed."""
     import optuna
 
@@ -137,6 +188,10 @@ def open_study(out: Path, method: str, sampler_seed: int, prune_from_epoch: int,
     if saved is not None and saved != training_args:
         raise UsageError(f"{out} was searched with training flags {' '.join(saved)}; resume with the same flags or use another --output-dir")
     study.set_user_attr("training_args", training_args)
+    if grid is not None:
+        if study.user_attrs.get("grid", grid) != grid:
+            raise UsageError(f"{out} was searched on the grid {study.user_attrs['grid']}; resume with the same --grid or use another --output-dir")
+        study.set_user_attr("grid", grid)
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
         print(f"trial {stale.number} was interrupted; marked failed, it does not count toward --trials", file=sys.stderr)
@@ -211,9 +266,10 @@ def build_parser() -> Parser:
     parser = Parser(prog="python -m kd.tune", description=__doc__.splitlines()[0], allow_abbrev=False,
                     epilog="Every other flag is passed to the training script of the method.")
     parser.add_argument("--method", required=True, help=f"what to tune: {', '.join(methods())}")
-    parser.add_argument("--trials", type=int, required=True, help="trial budget of the search (finished + pruned trials, over all resumes)")
+    parser.add_argument("--trials", type=int, help="trial budget of the search (finished + pruned trials, over all resumes); with --grid: its size")
     parser.add_argument("--output-dir", required=True, help="the search folder: study.db, trials/, best.yaml, trials.png")
     parser.add_argument("--params", nargs="+", help="search only these names of the method's space")
+    parser.add_argument("--grid", nargs="+", metavar="NAME=V1,V2", help="try these points (every combination, in order) instead of TPE draws")
     parser.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (the trials' training seed is --seed)")
     parser.add_argument("--prune-from-epoch", type=int, default=2, help="first epoch at which a trial may be pruned")
     return parser
@@ -223,19 +279,31 @@ def build_parser() -> Parser:
 def tune(argv: Optional[Sequence[str]] = None) -> Dict:
     """Run (or continue) the search; returns tune.json's content."""
     args, training_args = build_parser().parse_known_args(argv)
-    if args.trials <= 0:
-        raise UsageError(f"--trials must be positive, got {args.trials}")
-    space = search_space(args.method, args.params)
+    grid = parse_grid(args.method, args.grid) if args.grid else None
+    if grid is not None and args.params:
+        raise UsageError("--grid names the parameters it searches: leave out --params")
+    size = len(grid_points(grid)) if grid is not None else None
+    trials = args.trials if args.trials is not None else size
+    if trials is None:
+        raise UsageError("give --trials (the search's budget) or --grid")
+    if trials <= 0:
+        raise UsageError(f"--trials must be positive, got {trials}")
+    if size is not None and trials > size:
+        raise UsageError(f"--trials {trials} is more than the grid's {size} points")
+    space = search_space(args.method, list(grid) if grid else args.params)
     epochs = check_training_args(args.method, training_args).epochs
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial; a failing trial ends in one error line, no traceback
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    study = open_study(out, args.method, args.sampler_seed, args.prune_from_epoch, training_args)
-    remaining = args.trials - len(finished(study))
+    study = open_study(out, args.method, args.sampler_seed, args.prune_from_epoch, training_args, grid)
+    remaining = trials - len(finished(study))
     if remaining > 0:
-        print(f"tune {args.method}: {len(finished(study))} of {args.trials} trials done, running {remaining} (space: {', '.join(space)})")
+        if grid is not None:
+            enqueue_grid(study, grid)
+        print(f"tune {args.method}: {len(finished(study))} of {trials} trials done, running {remaining} "
+              f"({'grid' if grid else 'space'}: {', '.join(space)})")
         study.optimize(make_objective(args.method, space, training_args, out, epochs), n_trials=remaining,
                        callbacks=[lambda study, trial: print(trial_line(study, trial), flush=True)])
     return summarize(study, args.method, out)
@@ -249,7 +317,8 @@ def summarize(study, method: str, out: Path) -> Dict:
     plot_trials(study, out / "trials.png")
     best = study.best_trial
     summary = {"method": method, "trials": len(done), "pruned": sum(t.state.name == "PRUNED" for t in done),
-               "best_trial": best.number, "best_val_f1_macro": best.value, "best_params": best.params, "preset": preset}
+               "best_trial": best.number, "best_val_f1_macro": best.value, "best_params": best.params, "preset": preset,
+               "grid": study.user_attrs.get("grid")}  # None: TPE draws
     write_json_atomic(out / "tune.json", summary)
     print(f"best of {method}: trial {best.number}, val f1_macro {best.value:.4f}, "
           + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())

@@ -61,6 +61,31 @@ def test_search_writes_preset_and_resumes_after_a_kill(tiny_dataset, tmp_path):
     assert "running" not in third.stdout and len(load_study(out).trials) == 3  # budget reached: nothing trained
 
 
+def test_grid_tries_each_point_in_order_and_resumes_an_interrupted_one(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "tune"
+    grid = ["--grid", "lr=0.05,0.2", "label_smoothing=0,0.1"]
+    first = run_tune("--method", "supervised", "--trials", "3", "--output-dir", out, *grid, "--dataset", tiny_dataset, *TUNE_FLAGS)
+    assert "0 of 3 trials done, running 3 (grid: lr, label_smoothing)" in first.stdout
+    points = [{"lr": 0.05, "label_smoothing": 0.0}, {"lr": 0.05, "label_smoothing": 0.1}, {"lr": 0.2, "label_smoothing": 0.0},
+              {"lr": 0.2, "label_smoothing": 0.1}]
+    trials = load_study(out).trials
+    assert [t.params for t in trials[:3]] == points[:3]  # every combination, in order
+    for trial in trials[:3]:  # the point trained, with the rest of the method's defaults
+        resolved = read_json(out / "trials" / f"{trial.number:03d}" / "run_config.json")["train"]
+        assert (resolved["lr"], resolved["label_smoothing"], resolved["weight_decay"]) == (trial.params["lr"], trial.params["label_smoothing"], 5e-4)
+    load_study(out).ask()  # the last point was queued; a kill while it trained leaves it RUNNING
+    second = run_tune("--method", "supervised", "--output-dir", out, *grid, "--dataset", tiny_dataset, *TUNE_FLAGS)
+    assert "trial 3 was interrupted" in second.stderr and "3 of 4 trials done, running 1" in second.stdout
+    trials = load_study(out).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3 + ["FAIL", "COMPLETE"]
+    assert trials[4].params == points[3]  # the interrupted point is tried again, not a visited one
+    assert read_json(out / "tune.json")["grid"] == {"lr": [0.05, 0.2], "label_smoothing": [0.0, 0.1]}
+    with pytest.raises(SystemExit) as exit_info:  # another grid over the same study: one line, nothing trained
+        tune.main(["--method", "supervised", "--output-dir", str(out), "--grid", "lr=0.1", "--dataset", str(tiny_dataset), *TUNE_FLAGS])
+    assert exit_info.value.code == 2 and "resume with the same --grid" in capsys.readouterr().err
+    assert len(load_study(out).trials) == 5
+
+
 def test_epoch_callback_sees_each_record_and_can_stop_the_run(tiny_dataset, tmp_path):
     class Stop(Exception):
         pass
@@ -91,6 +116,13 @@ class NoSpace(Distiller):
     (["--method", "no-space", "--trials", "2"], "the search space of no-space is empty"),
     (["--method", "logits", "--trials", "2", "--params", "lr"], "--params 'lr' is not in the search space of logits"),
     (["--method", "supervised", "--trials", "2", "--val-size", "0"], "--val-size must be > 0"),
+    (["--method", "logits"], "give --trials (the search's budget) or --grid"),
+    (["--method", "dkd", "--grid", "dkd_beta=32"], "--grid dkd_beta=32 is outside the declared space of dkd (1.0 to 16.0)"),
+    (["--method", "dkd", "--grid", "lr=0.1"], "--grid 'lr' is not in the search space of dkd"),
+    (["--method", "dkd", "--grid", "dkd_beta"], "--grid wants NAME=V1,V2,..."),
+    (["--method", "dkd", "--grid", "dkd_beta=two"], "--grid dkd_beta=two: want a number"),
+    (["--method", "supervised", "--grid", "lr=0.1", "--trials", "2"], "--trials 2 is more than the grid's 1 points"),
+    (["--method", "dkd", "--grid", "dkd_beta=2", "--params", "dkd_beta"], "leave out --params"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(DISTILLERS, "no-space", NoSpace)
