@@ -36,9 +36,9 @@ def methods() -> Dict[str, type]:
     return {SUPERVISED: Supervised, **DISTILLERS}
 
 
-def search_space(method: str, only: Optional[Sequence[str]] = None) -> Dict[str, tuple]:
-    """The method's declared space (restricted to `only`), checked: each name a config field,
-    each entry (kind, ...) well formed."""
+def search_space(method: str, only: Optional[Sequence[str]] = None, flag: str = "--params") -> Dict[str, tuple]:
+    """The method's declared space (restricted to `only`, the names `flag` gave), checked: each
+    name a config field, each entry (kind, ...) well formed."""
     known = methods()
     if method not in known:
         raise UsageError(f"unknown method {method!r}; choose from {', '.join(known)}")
@@ -46,7 +46,7 @@ def search_space(method: str, only: Optional[Sequence[str]] = None) -> Dict[str,
     if only:
         unknown = sorted(set(only) - set(space))
         if unknown:
-            raise UsageError(f"--params {unknown[0]!r} is not in the search space of {method} ({', '.join(space) or 'empty'})")
+            raise UsageError(f"{flag} {unknown[0]!r} is not in the search space of {method} ({', '.join(space) or 'empty'})")
         space = {name: space[name] for name in only}
     if not space:
         raise UsageError(f"the search space of {method} is empty: declare search_space on its class in kd/distillers/")
@@ -59,20 +59,18 @@ def search_space(method: str, only: Optional[Sequence[str]] = None) -> Dict[str,
 
 def parse_grid(method: str, specs: Sequence[str]) -> Dict[str, list]:
     """`--grid NAME=V1,V2 ...` -> {name: [values]}, each value typed by the declared space and inside it."""
-    declared = search_space(method)
-    grid = {}
+    texts = {}
     for spec in specs:
         name, _, values = spec.partition("=")
-        if not values or name in grid:
+        if not values or name in texts:
             raise UsageError(f"--grid wants NAME=V1,V2,... once per name (e.g. dkd_beta=1,2,4), got {spec!r}")
-        if name not in declared:
-            raise UsageError(f"--grid {name!r} is not in the search space of {method} ({', '.join(declared)})")
-        kind, *args = declared[name]
-        grid[name] = [grid_value(method, name, kind, args, text) for text in values.split(",")]
-    return grid
+        texts[name] = values.split(",")
+    declared = search_space(method, list(texts), flag="--grid")
+    return {name: [grid_value(method, name, *declared[name], text=text) for text in values] for name, values in texts.items()}
 
 
-def grid_value(method: str, name: str, kind: str, args: list, text: str):
+def grid_value(method: str, name: str, kind: str, *args, text: str):
+    """One grid value, typed by its declared (kind, *args) and inside its range or choices."""
     if kind == "categorical":
         by_text = {str(choice): choice for choice in args[0]}
         if text not in by_text:
