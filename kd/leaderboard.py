@@ -1,27 +1,29 @@
 """The leaderboard experiment, resumable: a teacher, the student baseline, and every
 distillation method with its paper defaults and tuned on validation (kd.tune), over seeds.
 
-    python -m kd.leaderboard run --dataset PATH --out DIR --budget cpu [--seeds 3] [--trials 12] [--modes ...] [--dry-run]
+    python -m kd.leaderboard run --dataset PATH --out DIR --budget cpu [--seeds 3] [--trials N|grid] [--modes ...] [--dry-run]
 
 Flags it does not know go to every training and search (e.g. --epochs 1 for a smoke test).
 Finished runs (metrics.json) are skipped, interrupted ones resumed (--resume), searches
 continued; P trainings run at a time. At the end, DIR/leaderboard.md and .png
 (`python -m kd.report DIR/runs --leaderboard`)."""
 
+import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from kd.config import Parser
 from kd.distillers import DISTILLERS
 from kd.engine import format_duration
 from kd.errors import RunError, UsageError, main_guard
-from kd.tune import SUPERVISED, methods
+from kd.tune import SUPERVISED, declared_grid, grid_points, methods, parse_grid
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 # Rows that are a method plus a switch: (method, its flags). Defaults only: the method's search
@@ -35,13 +37,14 @@ class Budget:
     student: str  # preset of every student-side run: baseline, each method, each trial
     parallel: int  # trainings at a time
     threads: Optional[int]  # torch threads per training (None: torch's default)
-    trials: int  # default search budget per method
+    trials: Union[int, str]  # default search budget per method: TPE trials, or "grid" (each method's search_grid)
     gpu_per_run: bool = False  # pin each parallel run to its own GPU (CUDA_VISIBLE_DEVICES)
 
 
 BUDGETS = {
     # the thin pair cifar_resnet20 -> cifar_resnet8 at CPU epochs: 2 cores, one thread per run
-    "cpu": Budget("cpu-thin-teacher.yaml", "cpu-thin-student.yaml", parallel=2, threads=1, trials=12),
+    # (a run costs 12-45 core-minutes there: a few grid points per method, not a TPE search)
+    "cpu": Budget("cpu-thin-teacher.yaml", "cpu-thin-student.yaml", parallel=2, threads=1, trials="grid"),
     # the report's pair cifar_resnet14x4 -> cifar_resnet8x4 at GPU epochs: one run per GPU
     "gpu": Budget("gpu-teacher.yaml", "gpu-student.yaml", parallel=1, threads=None, trials=30, gpu_per_run=True),
 }
@@ -54,17 +57,40 @@ class Job:
     command: List[str]
     needs: List[str] = field(default_factory=list)
     trials: Optional[int] = None  # a search: done when this many trials finished
+    search: Optional[Path] = None  # a tuned run: done only if trained with its search's best point
 
     def done(self) -> bool:
         if self.trials is None:
-            return (self.out / "metrics.json").is_file()
+            return (self.out / "metrics.json").is_file() and not self.outdated()
         summary = self.out / "tune.json"
         return summary.is_file() and json.loads(summary.read_text())["trials"] >= self.trials
+
+    def outdated(self) -> bool:
+        """A finished tuned run whose settings are no longer its search's best point (the search
+        went on after it, e.g. with more --trials): it is trained again, from scratch."""
+        summary, resolved = (self.search / "tune.json", self.out / "run_config.json") if self.search else (None, None)
+        if summary is None or not summary.is_file() or not (self.out / "metrics.json").is_file():
+            return False
+        config = json.loads(resolved.read_text())
+        settings = {**config["train"], **(config.get("distill") or {})}
+        return any(not same_value(settings.get(name), value) for name, value in json.loads(summary.read_text())["best_params"].items())
+
+    def argv(self) -> List[str]:
+        # the last token is training()'s --resume/--overwrite: an outdated run cannot resume
+        return [*self.command[:-1], "--overwrite"] if self.outdated() else self.command
 
     def status(self) -> str:
         if self.done():
             return "skip"
+        if self.outdated():
+            return "redo"
         return "resume" if (self.out / "checkpoint").exists() or (self.out / "study.db").exists() else "run"
+
+
+def same_value(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
 
 
 def training(script: str, out: Path, flags: Sequence[str]) -> List[str]:
@@ -87,7 +113,17 @@ def without_flags(flags: Sequence[str], names: Sequence[str]) -> List[str]:
     return kept
 
 
-def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: int, modes: Sequence[str], extra: Sequence[str]) -> List[Job]:
+def search_budget(mode: str, trials: Union[int, str]) -> Optional[Tuple[List[str], int]]:
+    """(kd.tune's budget flags, trial count) for `mode`: --trials N, or --grid with its declared
+    points (None: a grid budget and no search_grid declared, so no search)."""
+    if trials != "grid":
+        return ["--trials", str(trials)], trials
+    specs = declared_grid(mode)
+    return (["--grid", *specs], len(grid_points(parse_grid(mode, specs)))) if specs else None
+
+
+def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int, str], modes: Sequence[str],
+         extra: Sequence[str]) -> List[Job]:
     """Every run of the leaderboard, each with the runs it needs first, in the order they start:
     the teacher, then every row's default run seed by seed (so that each row has n = 2, enough
     for an interval, before any has n = 3), then each method's search and its tuned runs."""
@@ -109,26 +145,28 @@ def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: int, modes
             jobs.append(Job(f"{name}/default/s{seed}", folder, training(script, folder, [*student, *method, "--seed", str(seed)]), needs))
     for name, (script, needs, method) in rows.items():
         mode = SUPERVISED if name == "student" else name
-        if trials == 0 or mode not in modes or mode in VARIANTS:
+        searched = search_budget(mode, trials) if trials != 0 and mode in modes and mode not in VARIANTS else None
+        if searched is None:
             continue
-        search = searches / name
+        (budget_flags, count), search = searched, searches / name
         from_teacher = method[:2]  # --teacher DIR (nothing for the baseline)
-        jobs.append(Job(f"{name}/tune", search, [sys.executable, "-m", "kd.tune", "--method", mode, "--trials", str(trials),
-                                                 "--output-dir", str(search), *student, *from_teacher, "--seed", "0"], needs, trials=trials))
+        jobs.append(Job(f"{name}/tune", search, [sys.executable, "-m", "kd.tune", "--method", mode, *budget_flags,
+                                                 "--output-dir", str(search), *student, *from_teacher, "--seed", "0"], needs, trials=count))
         # the command line overrides --config: a searched setting among the extra flags would undo the search
         tuned_common = ["--dataset", dataset, "--report-to", "none", *without_flags(extra, methods()[mode].search_space)]
         for seed in range(seeds):
             folder = runs / name / "tuned" / f"s{seed}"
             flags = [*tuned_common, "--config", str(search / "best.yaml"), *method, "--seed", str(seed), "--tags", "tuned"]
-            jobs.append(Job(f"{name}/tuned/s{seed}", folder, training(script, folder, flags), [f"{name}/tune"]))
+            jobs.append(Job(f"{name}/tuned/s{seed}", folder, training(script, folder, flags), [f"{name}/tune"], search=search))
     return jobs
 
 
 def print_plan(jobs: Sequence[Job]) -> None:
     for job in jobs:
-        print(f"{job.status():6s} {job.name:28s} {' '.join(job.command[1:])}")
-    counts = {status: sum(job.status() == status for job in jobs) for status in ("run", "resume", "skip")}
-    print(f"plan: {counts['run']} to run, {counts['resume']} to resume, {counts['skip']} done")
+        print(f"{job.status():6s} {job.name:28s} {' '.join(job.argv()[1:])}")
+    counts = {status: sum(job.status() == status for job in jobs) for status in ("run", "resume", "redo", "skip")}
+    redo = f", {counts['redo']} to redo (their search's best point changed)" if counts["redo"] else ""
+    print(f"plan: {counts['run']} to run, {counts['resume']} to resume{redo}, {counts['skip']} done")
 
 
 def start(job: Job, budget: Budget, slot: int) -> subprocess.Popen:
@@ -139,13 +177,15 @@ def start(job: Job, budget: Budget, slot: int) -> subprocess.Popen:
         env["CUDA_VISIBLE_DEVICES"] = str(slot)  # --parallel N on N GPUs: slot i trains on GPU i
     job.out.parent.mkdir(parents=True, exist_ok=True)
     log = open(f"{job.out}.log", "a")
-    return subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(job.argv(), stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def execute(jobs: Sequence[Job], budget: Budget, parallel: int) -> List[str]:
     """Run the jobs not done yet, `parallel` at a time, each once its needs are done; a failure
-    skips what needs it and the rest goes on. Returns the names that failed or were skipped."""
-    waiting = [job for job in jobs if not job.done()]
+    skips what needs it and the rest goes on. Returns the names that failed or were skipped.
+    A job whose needs are still to run waits even if done: a search that goes on may outdate it."""
+    pending = {job.name for job in jobs if not job.done()}
+    waiting = [job for job in jobs if job.name in pending or pending & set(job.needs)]
     running: Dict[int, tuple] = {}  # slot -> (job, process, start time)
     failed: List[str] = []
     while waiting or running:
@@ -169,6 +209,8 @@ def execute(jobs: Sequence[Job], budget: Budget, parallel: int) -> List[str]:
                 break
             job = ready.pop(0)
             waiting.remove(job)
+            if job.done():  # still made with its search's best point
+                continue
             running[slot] = (job, start(job, budget, slot), time.monotonic())
         time.sleep(0.5)
     return failed
@@ -176,6 +218,15 @@ def execute(jobs: Sequence[Job], budget: Budget, parallel: int) -> List[str]:
 
 def all_modes() -> List[str]:
     return [SUPERVISED, *DISTILLERS, *VARIANTS]
+
+
+def trial_budget(text: str) -> Union[int, str]:
+    if text == "grid":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want a number of trials or 'grid', got {text!r}") from None
 
 
 def build_parser() -> Parser:
@@ -187,7 +238,8 @@ def build_parser() -> Parser:
     run.add_argument("--out", required=True, help="the experiment folder: runs/, tune/, leaderboard.md")
     run.add_argument("--budget", required=True, choices=sorted(BUDGETS), help="cpu: cifar_resnet20 -> cifar_resnet8; gpu: cifar_resnet14x4 -> cifar_resnet8x4")
     run.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default: 3)")
-    run.add_argument("--trials", type=int, help="kd.tune trials per method; 0: defaults only (default: the budget's)")
+    run.add_argument("--trials", type=trial_budget, help="kd.tune trials per method (TPE), or 'grid': each method's declared "
+                     "search_grid; 0: defaults only (default: the budget's: cpu grid, gpu 30)")
     run.add_argument("--modes", nargs="+", help=f"methods (default: all: {' '.join(all_modes())}; variants are run with defaults only)")
     run.add_argument("--parallel", type=int, help="trainings at a time (default: the budget's)")
     run.add_argument("--dry-run", action="store_true", help="print the plan (run / resume / skip per run) and stop")
@@ -203,11 +255,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if unknown:
         raise UsageError(f"unknown mode {unknown[0]!r}; choose from {', '.join(all_modes())}")
     trials = budget.trials if args.trials is None else args.trials
-    if args.seeds < 1 or trials < 0 or (args.parallel is not None and args.parallel < 1):
+    if args.seeds < 1 or (trials != "grid" and trials < 0) or (args.parallel is not None and args.parallel < 1):
         raise UsageError("--seeds and --parallel must be >= 1 and --trials >= 0")
     out = Path(args.out)
     jobs = plan(out, budget, args.dataset, args.seeds, trials, modes, extra)
     print_plan(jobs)
+    for mode in modes:
+        if trials == "grid" and mode not in VARIANTS and search_budget(mode, trials) is None:
+            print(f"note: {mode} declares no search_grid (kd/distillers/): defaults only under --trials grid", flush=True)
     if args.dry_run:
         return
     to_do, began = sum(not job.done() for job in jobs), time.monotonic()

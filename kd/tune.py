@@ -69,6 +69,15 @@ def parse_grid(method: str, specs: Sequence[str]) -> Dict[str, list]:
     return {name: [grid_value(method, name, *declared[name], text=text) for text in values] for name, values in texts.items()}
 
 
+def declared_grid(method: str) -> List[str]:
+    """The method's `search_grid` as `--grid` arguments (NAME=V1,V2,...), checked like a user's
+    grid; [] when it declares none."""
+    specs = [f"{name}={','.join(str(value) for value in values)}" for name, values in methods()[method].search_grid.items()]
+    if specs:
+        parse_grid(method, specs)
+    return specs
+
+
 def grid_value(method: str, name: str, kind: str, *args, text: str):
     """One grid value, typed by its declared (kind, *args) and inside its range or choices."""
     if kind == "categorical":

@@ -8,6 +8,7 @@ import pytest
 
 from kd import leaderboard
 from kd.distillers import DISTILLERS, Distiller
+from kd.distillers.dkd import DKD
 
 
 def plan_lines(capsys, tmp_path, *flags):
@@ -63,10 +64,78 @@ def test_dry_run_plans_every_method_and_skips_what_is_done(tmp_path, capsys, mon
     assert sorted(plan) == ["at/default/s0", "student/default/s0", "teacher"]  # --trials 0: defaults only
 
 
+def test_grid_budget_tunes_on_each_declared_grid(tmp_path, capsys, monkeypatch):
+    class NoGrid(Distiller):
+        search_space = {"temperature": ("float", 1.0, 8.0)}
+
+    monkeypatch.setitem(DISTILLERS, "no-grid", NoGrid)
+    search = tmp_path / "lb" / "tune" / "dkd"
+    search.mkdir(parents=True)
+    (search / "tune.json").write_text(json.dumps({"trials": 2, "best_params": {"dkd_beta": 1.0}}))
+    (search / "study.db").touch()
+    plan, _ = plan_lines(capsys, tmp_path, "--seeds", "1", "--modes", "dkd", "no-grid", "logits-ls")  # cpu: --trials grid
+    values = ",".join(str(value) for value in DKD.search_grid["dkd_beta"])
+    assert f"-m kd.tune --method dkd --grid dkd_beta={values} --output-dir" in plan["dkd/tune"]
+    assert plan["dkd/tune"].split()[0] == "resume"  # 2 of the grid's 3 points
+    assert "student/tune" not in plan and "logits-ls/tune" not in plan  # not asked for; a variant: defaults only
+    assert "no-grid/default/s0" in plan and "no-grid/tune" not in plan and "no-grid/tuned/s0" not in plan
+    out = capsys.readouterr().out
+    leaderboard.main(["run", "--dataset", "d", "--out", str(tmp_path / "lb"), "--budget", "cpu", "--dry-run", "--seeds", "1", "--modes", "no-grid"])
+    assert "note: no-grid declares no search_grid (kd/distillers/): defaults only under --trials grid" in capsys.readouterr().out
+    (search / "tune.json").write_text(json.dumps({"trials": 3, "best_params": {"dkd_beta": 1.0}}))
+    plan, _ = plan_lines(capsys, tmp_path, "--seeds", "1", "--modes", "dkd")
+    assert plan["dkd/tune"].split()[0] == "skip" and plan["dkd/tuned/s0"].split()[0] == "run"
+
+
+def tuned_run(folder, **settings):
+    finished(folder)
+    (folder / "checkpoint").mkdir()
+    (folder / "run_config.json").write_text(json.dumps({"train": {"seed": 0, "lr": 0.4}, "distill": {"temperature": 4.0, **settings}}))
+
+
+def test_a_tuned_run_older_than_its_search_best_point_is_redone(tmp_path, capsys):
+    root = tmp_path / "lb"
+    (root / "tune" / "logits").mkdir(parents=True)
+    (root / "tune" / "logits" / "tune.json").write_text(json.dumps({"trials": 3, "best_params": {"temperature": 2.0}}))
+    tuned_run(root / "runs" / "logits" / "tuned" / "s0", temperature=4.0)  # made with an earlier best point
+    tuned_run(root / "runs" / "logits" / "tuned" / "s1", temperature=2.0 + 1e-12)  # the best point (YAML round trip)
+    plan, summary = plan_lines(capsys, tmp_path, "--seeds", "2", "--trials", "3", "--modes", "logits")
+    assert plan["logits/tuned/s0"].split()[0] == "redo" and plan["logits/tuned/s0"].endswith("--overwrite")  # not --resume
+    assert plan["logits/tuned/s1"].split()[0] == "skip"
+    assert "1 to redo (their search's best point changed)" in summary
+
+
+STAND_IN_SEARCH = ("import json, pathlib, sys\n"
+                   "out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)\n"
+                   "(out / 'tune.json').write_text(json.dumps({'trials': 2, 'best_params': {'temperature': float(sys.argv[2])}}))\n")
+STAND_IN_TUNED = ("import json, pathlib, sys\n"
+                  "out, search = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)\n"
+                  "best = json.loads((search / 'tune.json').read_text())['best_params']\n"
+                  "(out / 'run_config.json').write_text(json.dumps({'train': {}, 'distill': best}))\n"
+                  "(out / 'metrics.json').write_text('{}'); open(sys.argv[3], 'a').write(out.name + '\\n')\n")
+
+
+@pytest.mark.parametrize("new_best, retrained", [(2.0, ["s0"]), (4.0, [])])
+def test_scheduler_retrains_a_tuned_run_only_if_its_search_moved(new_best, retrained, tmp_path, capsys):
+    search, log = tmp_path / "tune", tmp_path / "trained.log"
+    search.mkdir()
+    (search / "tune.json").write_text(json.dumps({"trials": 1, "best_params": {"temperature": 4.0}}))  # 1 of 2 trials
+    tuned_run(tmp_path / "s0", temperature=4.0)
+    jobs = [leaderboard.Job("tune", search, [sys.executable, "-c", STAND_IN_SEARCH, str(search), str(new_best)], trials=2),
+            leaderboard.Job("s0", tmp_path / "s0", [sys.executable, "-c", STAND_IN_TUNED, str(tmp_path / "s0"), str(search), str(log), "--resume"],
+                            ["tune"], search=search)]
+    assert jobs[1].done()  # before the search goes on
+    assert leaderboard.execute(jobs, leaderboard.BUDGETS["cpu"], parallel=2) == []
+    assert (log.read_text().split() if log.exists() else []) == retrained
+    assert jobs[1].done()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--budget", "cpu", "--modes", "nope"], "unknown mode 'nope'"),
     (["--budget", "tpu"], "argument --budget: invalid choice: 'tpu'"),
     (["--budget", "cpu", "--seeds", "0"], "--seeds and --parallel must be >= 1"),
+    (["--budget", "cpu", "--trials", "-1"], "--trials >= 0"),
+    (["--budget", "cpu", "--trials", "some"], "argument --trials: want a number of trials or 'grid', got 'some'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -134,10 +134,23 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, monkeypatch, 
     assert not (tmp_path / "tune").exists()  # nothing created
 
 
-def test_every_method_declares_a_valid_space():
+def test_every_method_declares_a_valid_space_and_grid():
     for method in tune.methods():
         space = tune.search_space(method)  # raises on a malformed entry or an empty space
         assert space, method
+        specs = tune.declared_grid(method)  # raises on a point outside the space
+        grid = tune.parse_grid(method, specs)
+        assert set(grid) <= set(space) and len(tune.grid_points(grid)) >= 2, method  # a grid of one point tunes nothing
+
+
+def test_declared_grid_outside_the_space_is_one_line(monkeypatch):
+    class BadGrid(Distiller):
+        search_space = {"temperature": ("float", 1.0, 8.0)}
+        search_grid = {"temperature": (2.0, 16.0)}
+
+    monkeypatch.setitem(DISTILLERS, "bad-grid", BadGrid)
+    with pytest.raises(tune.UsageError, match=r"temperature=16.0 is outside the declared space of bad-grid \(1.0 to 8.0\)"):
+        tune.declared_grid("bad-grid")
 
 
 def test_error_inside_a_trial_is_one_line_and_exit_2(tmp_path, capsys):

@@ -30,6 +30,7 @@ class AttentionTransfer(Distiller):
     """loss = CE(student, labels) + at_beta/2 * sum_stages ||a_s - a_t||^2."""
 
     search_space = {"at_beta": ("float", 50.0, 5000.0, {"log": True})}
+    search_grid = {"at_beta": (250.0, 1000.0, 4000.0)}
 
     def __init__(self, student, teacher, beta: float, **kwargs):
         super().__init__(student, teacher, **kwargs)

@@ -65,9 +65,12 @@ class Distiller(nn.Module):
     `search_space` is what `python -m kd.tune` searches for the method: {config field (a
     TrainConfig/DistillConfig name, i.e. a command-line flag): (kind, low, high[, {"log": True}])}
     with kind "float" or "int", or ("categorical", [choices]). A subclass inherits its parent's
-    space unless it declares its own."""
+    space unless it declares its own. `search_grid` is a few points of that space, {name:
+    (values...)}, every combination tried in order: what the leaderboard tunes on when its budget
+    is a few trials (`--trials grid`), where a few TPE draws would be a few random points."""
 
     search_space: Dict[str, tuple] = {}
+    search_grid: Dict[str, tuple] = {}
 
     standardizable = False  # has a temperature-softmax logits term that --logit-standardization z-scores
 
@@ -97,6 +100,7 @@ class Supervised(Distiller):
 
     search_space = {"lr": ("float", 0.05, 1.0, {"log": True}), "weight_decay": ("float", 1e-4, 2e-3, {"log": True}),
                     "label_smoothing": ("float", 0.0, 0.2)}
+    search_grid = {"weight_decay": (2.5e-4, 5e-4, 1e-3)}  # the lr was chosen on validation with the preset
 
     def forward(self, images, labels, index=None):
         logits = self.student(images)

@@ -43,6 +43,7 @@ class CRD(Distiller):
     """loss = CE + weight * [NCE(student vs teacher bank) + NCE(teacher vs student bank)]."""
 
     search_space = {"crd_weight": ("float", 0.1, 4.0, {"log": True})}
+    search_grid = {"crd_weight": (0.4, 0.8, 1.6)}
 
     def __init__(self, student, teacher, num_train: int, num_negatives: int, weight: float, **kwargs):
         super().__init__(student, teacher, num_train=num_train, **kwargs)

@@ -33,6 +33,7 @@ class DKD(Distiller):
     standardizable = True
     search_space = {"temperature": ("float", 1.0, 8.0, {"log": True}), "dkd_alpha": ("float", 0.25, 4.0, {"log": True}),
                     "dkd_beta": ("float", 1.0, 16.0, {"log": True})}
+    search_grid = {"dkd_beta": (1.0, 2.0, 4.0)}  # the paper's 8 diverges at lr 0.4 (README, Results)
 
     def __init__(self, student, teacher, temperature: float, alpha: float, beta: float, warmup_epochs=None, standardized=False, **kwargs):
         super().__init__(student, teacher, **kwargs)

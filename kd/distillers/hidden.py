@@ -36,6 +36,7 @@ class HiddenMSE(Distiller):
     """loss = CE(student, labels) + hidden_factor * MSE(student_layer, teacher_layer)."""
 
     search_space = {"hidden_factor": ("float", 0.1, 100.0, {"log": True})}
+    search_grid = {"hidden_factor": (0.3, 1.0, 3.0)}
 
     def __init__(self, student, teacher, student_layer: str, teacher_layer: str, hidden_factor: float, adapter=None, **kwargs):
         super().__init__(student, teacher, **kwargs)

@@ -10,6 +10,7 @@ class Hybrid(HiddenTrained):
 
     search_space = {"temperature": ("float", 1.0, 8.0, {"log": True}), "alpha": ("float", 0.1, 0.95),
                     "hidden_factor": ("float", 0.1, 100.0, {"log": True})}
+    search_grid = {"hidden_factor": (0.3, 1.0, 3.0)}
 
     def __init__(self, *args, temperature: float, alpha: float, logits_factor: float, **kwargs):
         super().__init__(*args, **kwargs)

@@ -38,6 +38,7 @@ class LogitsKD(Distiller):
 
     standardizable = True
     search_space = {"temperature": ("float", 1.0, 8.0, {"log": True}), "alpha": ("float", 0.1, 0.95)}
+    search_grid = {"temperature": (2.0, 4.0, 8.0)}
 
     def __init__(self, student, teacher, temperature: float, alpha: float, standardized_weights=None, **kwargs):
         super().__init__(student, teacher, **kwargs)
