@@ -5,12 +5,12 @@ distillation method with its paper defaults and tuned on validation (kd.tune), o
 
 Flags it does not know go to every training and search (e.g. --epochs 1 for a smoke test).
 Finished runs (metrics.json) are skipped, interrupted ones resumed (--resume), searches
-continued; P trainings run at a time. At the end, DIR/leaderboard.md and .png
+continued, and a tuned run no longer trained with its search's best point redone; P
+trainings run at a time. At the end, DIR/leaderboard.md and .png
 (`python -m kd.report DIR/runs --leaderboard`)."""
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -54,30 +54,40 @@ BUDGETS = {
 class Job:
     name: str
     out: Path
-    command: List[str]
+    command: List[str]  # a training's command ends before --resume/--overwrite, which argv() adds
     needs: List[str] = field(default_factory=list)
-    trials: Optional[int] = None  # a search: done when this many trials finished
+    trials: Optional[int] = None  # a search: done when this many trials finished...
+    grid: Optional[Dict[str, list]] = None  # ...on this grid (None: TPE draws)
     search: Optional[Path] = None  # a tuned run: done only if trained with its search's best point
 
     def done(self) -> bool:
         if self.trials is None:
             return (self.out / "metrics.json").is_file() and not self.outdated()
         summary = self.out / "tune.json"
-        return summary.is_file() and json.loads(summary.read_text())["trials"] >= self.trials
+        if not summary.is_file():
+            return False
+        searched = json.loads(summary.read_text())
+        return searched["trials"] >= self.trials and searched.get("grid") == self.grid
 
     def outdated(self) -> bool:
-        """A finished tuned run whose settings are no longer its search's best point (the search
-        went on after it, e.g. with more --trials): it is trained again, from scratch."""
-        summary, resolved = (self.search / "tune.json", self.out / "run_config.json") if self.search else (None, None)
-        if summary is None or not summary.is_file() or not (self.out / "metrics.json").is_file():
+        """A tuned run, finished or interrupted, whose settings are no longer its search's best
+        point (the search went on after it, e.g. with more --trials): trained again from scratch."""
+        if self.search is None or not (self.search / "tune.json").is_file():
             return False
+        resolved = self.out / "run_config.json"
+        if not resolved.is_file():  # nothing to compare: a finished run is redone, a fresh one started
+            return (self.out / "metrics.json").is_file()
         config = json.loads(resolved.read_text())
         settings = {**config["train"], **(config.get("distill") or {})}
-        return any(not same_value(settings.get(name), value) for name, value in json.loads(summary.read_text())["best_params"].items())
+        best = json.loads((self.search / "tune.json").read_text())["best_params"]
+        return any(settings.get(name) != value for name, value in best.items())
 
     def argv(self) -> List[str]:
-        # the last token is training()'s --resume/--overwrite: an outdated run cannot resume
-        return [*self.command[:-1], "--overwrite"] if self.outdated() else self.command
+        if self.trials is not None:
+            return self.command
+        # an interrupted run continues from its checkpoint; anything else is started over
+        resume = (self.out / "checkpoint").exists() and not self.outdated()
+        return [*self.command, "--resume" if resume else "--overwrite"]
 
     def status(self) -> str:
         if self.done():
@@ -87,16 +97,8 @@ class Job:
         return "resume" if (self.out / "checkpoint").exists() or (self.out / "study.db").exists() else "run"
 
 
-def same_value(a, b) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return math.isclose(a, b, rel_tol=1e-9)
-    return a == b
-
-
 def training(script: str, out: Path, flags: Sequence[str]) -> List[str]:
-    # an interrupted run continues from its checkpoint; a folder with no checkpoint is started over
-    resume = "--resume" if (out / "checkpoint").exists() else "--overwrite"
-    return [sys.executable, "-m", script, *flags, "--output-dir", str(out), resume]
+    return [sys.executable, "-m", script, *flags, "--output-dir", str(out)]
 
 
 def without_flags(flags: Sequence[str], names: Sequence[str]) -> List[str]:
@@ -113,13 +115,16 @@ def without_flags(flags: Sequence[str], names: Sequence[str]) -> List[str]:
     return kept
 
 
-def search_budget(mode: str, trials: Union[int, str]) -> Optional[Tuple[List[str], int]]:
-    """(kd.tune's budget flags, trial count) for `mode`: --trials N, or --grid with its declared
-    points (None: a grid budget and no search_grid declared, so no search)."""
+def search_budget(mode: str, trials: Union[int, str]) -> Optional[Tuple[List[str], int, Optional[Dict]]]:
+    """(kd.tune's budget flags, trial count, grid) for `mode`: --trials N, or --grid with its
+    declared points (None: a grid budget and no search_grid declared, so no search)."""
     if trials != "grid":
-        return ["--trials", str(trials)], trials
+        return ["--trials", str(trials)], trials, None
     specs = declared_grid(mode)
-    return (["--grid", *specs], len(grid_points(parse_grid(mode, specs)))) if specs else None
+    if not specs:
+        return None
+    grid = parse_grid(mode, specs)
+    return ["--grid", *specs], len(grid_points(grid)), grid
 
 
 def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int, str], modes: Sequence[str],
@@ -148,10 +153,10 @@ def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int,
         searched = search_budget(mode, trials) if trials != 0 and mode in modes and mode not in VARIANTS else None
         if searched is None:
             continue
-        (budget_flags, count), search = searched, searches / name
+        (budget_flags, count, grid), search = searched, searches / name
         from_teacher = method[:2]  # --teacher DIR (nothing for the baseline)
-        jobs.append(Job(f"{name}/tune", search, [sys.executable, "-m", "kd.tune", "--method", mode, *budget_flags,
-                                                 "--output-dir", str(search), *student, *from_teacher, "--seed", "0"], needs, trials=count))
+        jobs.append(Job(f"{name}/tune", search, [sys.executable, "-m", "kd.tune", "--method", mode, *budget_flags, "--output-dir",
+                                                 str(search), *student, *from_teacher, "--seed", "0"], needs, trials=count, grid=grid))
         # the command line overrides --config: a searched setting among the extra flags would undo the search
         tuned_common = ["--dataset", dataset, "--report-to", "none", *without_flags(extra, methods()[mode].search_space)]
         for seed in range(seeds):
@@ -180,14 +185,16 @@ def start(job: Job, budget: Budget, slot: int) -> subprocess.Popen:
     return subprocess.Popen(job.argv(), stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def execute(jobs: Sequence[Job], budget: Budget, parallel: int) -> List[str]:
+def execute(jobs: Sequence[Job], budget: Budget, parallel: int) -> Tuple[List[str], int]:
     """Run the jobs not done yet, `parallel` at a time, each once its needs are done; a failure
-    skips what needs it and the rest goes on. Returns the names that failed or were skipped.
-    A job whose needs are still to run waits even if done: a search that goes on may outdate it."""
+    skips what needs it and the rest goes on. A done job whose needs are still to run waits too:
+    a search that goes on may outdate it. Returns (the names that failed or were skipped, the
+    number of jobs that ran and finished)."""
     pending = {job.name for job in jobs if not job.done()}
     waiting = [job for job in jobs if job.name in pending or pending & set(job.needs)]
     running: Dict[int, tuple] = {}  # slot -> (job, process, start time)
     failed: List[str] = []
+    finished = 0
     while waiting or running:
         for slot, (job, process, began) in list(running.items()):
             if process.poll() is None:
@@ -197,11 +204,14 @@ def execute(jobs: Sequence[Job], budget: Budget, parallel: int) -> List[str]:
             print(f"{'done' if ok else 'FAILED'} {job.name}: {time.monotonic() - began:.0f} s" + ("" if ok else f" (see {job.out}.log)"), flush=True)
             if not ok:
                 failed.append(job.name)
+            finished += ok
         blocked = [job for job in waiting if any(need in failed for need in job.needs)]
         for job in blocked:
+            waiting.remove(job)
+            if job.done():  # a failed search left it as it was: still made with the best point
+                continue
             print(f"skipped {job.name}: it needs {', '.join(need for need in job.needs if need in failed)}", flush=True)
             failed.append(job.name)
-            waiting.remove(job)
         busy = {job.name for job, _, _ in running.values()}
         ready = [job for job in waiting if all(need not in busy and need not in {j.name for j in waiting} for need in job.needs)]
         for slot in (s for s in range(parallel) if s not in running):
@@ -213,7 +223,7 @@ def execute(jobs: Sequence[Job], budget: Budget, parallel: int) -> List[str]:
                 continue
             running[slot] = (job, start(job, budget, slot), time.monotonic())
         time.sleep(0.5)
-    return failed
+    return failed, finished
 
 
 def all_modes() -> List[str]:
@@ -242,7 +252,7 @@ def build_parser() -> Parser:
                      "search_grid; 0: defaults only (default: the budget's: cpu grid, gpu 30)")
     run.add_argument("--modes", nargs="+", help=f"methods (default: all: {' '.join(all_modes())}; variants are run with defaults only)")
     run.add_argument("--parallel", type=int, help="trainings at a time (default: the budget's)")
-    run.add_argument("--dry-run", action="store_true", help="print the plan (run / resume / skip per run) and stop")
+    run.add_argument("--dry-run", action="store_true", help="print the plan (run / resume / redo / skip per run) and stop")
     return parser
 
 
@@ -259,16 +269,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise UsageError("--seeds and --parallel must be >= 1 and --trials >= 0")
     out = Path(args.out)
     jobs = plan(out, budget, args.dataset, args.seeds, trials, modes, extra)
-    print_plan(jobs)
     for mode in modes:
         if trials == "grid" and mode not in VARIANTS and search_budget(mode, trials) is None:
             print(f"note: {mode} declares no search_grid (kd/distillers/): defaults only under --trials grid", flush=True)
+    print_plan(jobs)
     if args.dry_run:
         return
-    to_do, began = sum(not job.done() for job in jobs), time.monotonic()
-    failed = execute(jobs, budget, args.parallel or budget.parallel)
-    print(f"driver: {to_do - len(failed)} of {to_do} jobs finished in {format_duration(time.monotonic() - began)} "
-          f"({args.parallel or budget.parallel} at a time); {len(jobs) - to_do} were done before", flush=True)
+    began = time.monotonic()
+    failed, finished = execute(jobs, budget, args.parallel or budget.parallel)
+    print(f"driver: {finished} jobs finished, {len(failed)} failed or skipped, in {format_duration(time.monotonic() - began)} "
+          f"({args.parallel or budget.parallel} at a time)", flush=True)
     write_leaderboard(out)
     if failed:
         raise RunError(f"{len(failed)} run(s) failed or were skipped: {', '.join(failed)}; run the same command again to retry them")

@@ -73,8 +73,11 @@ def declared_grid(method: str) -> List[str]:
     """The method's `search_grid` as `--grid` arguments (NAME=V1,V2,...), checked like a user's
     grid; [] when it declares none."""
     specs = [f"{name}={','.join(str(value) for value in values)}" for name, values in methods()[method].search_grid.items()]
-    if specs:
-        parse_grid(method, specs)
+    try:
+        if specs:
+            parse_grid(method, specs)
+    except UsageError as error:  # the user typed no --grid: name the declaration
+        raise UsageError(f"{method}.search_grid (kd/distillers/): {error}") from None
     return specs
 
 
@@ -191,6 +194,8 @@ def open_study(out: Path, method: str, sampler_seed: int, prune_from_epoch: int,
         raise UsageError(f"{out} holds a search for {others[0]!r}; use another --output-dir for {method!r}")
     pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNE_STARTUP_TRIALS, n_warmup_steps=prune_from_epoch)
     study = optuna.create_study(study_name=method, storage=storage, direction="maximize", pruner=pruner, load_if_exists=True)
+    if grid is not None and "grid" not in study.user_attrs and finished(study):  # queued points would mix with its draws
+        raise UsageError(f"{out} holds a search of TPE draws; a --grid search needs another --output-dir")
     saved = study.user_attrs.get("training_args")
     if saved is not None and saved != training_args:
         raise UsageError(f"{out} was searched with training flags {' '.join(saved)}; resume with the same flags or use another --output-dir")

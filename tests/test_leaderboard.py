@@ -71,7 +71,8 @@ def test_grid_budget_tunes_on_each_declared_grid(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(DISTILLERS, "no-grid", NoGrid)
     search = tmp_path / "lb" / "tune" / "dkd"
     search.mkdir(parents=True)
-    (search / "tune.json").write_text(json.dumps({"trials": 2, "best_params": {"dkd_beta": 1.0}}))
+    grid = {"dkd_beta": list(DKD.search_grid["dkd_beta"])}
+    (search / "tune.json").write_text(json.dumps({"trials": 2, "best_params": {"dkd_beta": 1.0}, "grid": grid}))
     (search / "study.db").touch()
     plan, _ = plan_lines(capsys, tmp_path, "--seeds", "1", "--modes", "dkd", "no-grid", "logits-ls")  # cpu: --trials grid
     values = ",".join(str(value) for value in DKD.search_grid["dkd_beta"])
@@ -79,16 +80,18 @@ def test_grid_budget_tunes_on_each_declared_grid(tmp_path, capsys, monkeypatch):
     assert plan["dkd/tune"].split()[0] == "resume"  # 2 of the grid's 3 points
     assert "student/tune" not in plan and "logits-ls/tune" not in plan  # not asked for; a variant: defaults only
     assert "no-grid/default/s0" in plan and "no-grid/tune" not in plan and "no-grid/tuned/s0" not in plan
-    out = capsys.readouterr().out
     leaderboard.main(["run", "--dataset", "d", "--out", str(tmp_path / "lb"), "--budget", "cpu", "--dry-run", "--seeds", "1", "--modes", "no-grid"])
-    assert "note: no-grid declares no search_grid (kd/distillers/): defaults only under --trials grid" in capsys.readouterr().out
-    (search / "tune.json").write_text(json.dumps({"trials": 3, "best_params": {"dkd_beta": 1.0}}))
+    assert capsys.readouterr().out.startswith("note: no-grid declares no search_grid (kd/distillers/): defaults only under --trials grid\n")
+    (search / "tune.json").write_text(json.dumps({"trials": 3, "best_params": {"dkd_beta": 1.0}, "grid": grid}))
     plan, _ = plan_lines(capsys, tmp_path, "--seeds", "1", "--modes", "dkd")
     assert plan["dkd/tune"].split()[0] == "skip" and plan["dkd/tuned/s0"].split()[0] == "run"
+    (search / "tune.json").write_text(json.dumps({"trials": 3, "best_params": {"dkd_beta": 1.0}, "grid": None}))  # 3 TPE draws
+    plan, _ = plan_lines(capsys, tmp_path, "--seeds", "1", "--modes", "dkd")
+    assert plan["dkd/tune"].split()[0] == "resume"  # not the declared grid: not done (kd.tune then says why, in one line)
 
 
-def tuned_run(folder, **settings):
-    finished(folder)
+def tuned_run(folder, done=True, **settings):
+    finished(folder) if done else folder.mkdir(parents=True)
     (folder / "checkpoint").mkdir()
     (folder / "run_config.json").write_text(json.dumps({"train": {"seed": 0, "lr": 0.4}, "distill": {"temperature": 4.0, **settings}}))
 
@@ -98,11 +101,16 @@ def test_a_tuned_run_older_than_its_search_best_point_is_redone(tmp_path, capsys
     (root / "tune" / "logits").mkdir(parents=True)
     (root / "tune" / "logits" / "tune.json").write_text(json.dumps({"trials": 3, "best_params": {"temperature": 2.0}}))
     tuned_run(root / "runs" / "logits" / "tuned" / "s0", temperature=4.0)  # made with an earlier best point
-    tuned_run(root / "runs" / "logits" / "tuned" / "s1", temperature=2.0 + 1e-12)  # the best point (YAML round trip)
-    plan, summary = plan_lines(capsys, tmp_path, "--seeds", "2", "--trials", "3", "--modes", "logits")
-    assert plan["logits/tuned/s0"].split()[0] == "redo" and plan["logits/tuned/s0"].endswith("--overwrite")  # not --resume
-    assert plan["logits/tuned/s1"].split()[0] == "skip"
-    assert "1 to redo (their search's best point changed)" in summary
+    tuned_run(root / "runs" / "logits" / "tuned" / "s1", temperature=2.0)  # with the best point
+    tuned_run(root / "runs" / "logits" / "tuned" / "s2", done=False, temperature=4.0)  # interrupted, earlier point
+    tuned_run(root / "runs" / "logits" / "tuned" / "s3", done=False, temperature=2.0)  # interrupted, best point
+    finished(root / "runs" / "logits" / "tuned" / "s4")  # finished, no run_config.json to compare: redone
+    plan, summary = plan_lines(capsys, tmp_path, "--seeds", "5", "--trials", "3", "--modes", "logits")
+    status = {seed: plan[f"logits/tuned/s{seed}"].split()[0] for seed in range(5)}
+    assert status == {0: "redo", 1: "skip", 2: "redo", 3: "resume", 4: "redo"}
+    assert all(plan[f"logits/tuned/s{seed}"].endswith("--overwrite") for seed in (0, 2, 4))  # an outdated run cannot resume
+    assert plan["logits/tuned/s3"].endswith("--resume")
+    assert "3 to redo (their search's best point changed)" in summary
 
 
 STAND_IN_SEARCH = ("import json, pathlib, sys\n"
@@ -112,22 +120,27 @@ STAND_IN_TUNED = ("import json, pathlib, sys\n"
                   "out, search = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)\n"
                   "best = json.loads((search / 'tune.json').read_text())['best_params']\n"
                   "(out / 'run_config.json').write_text(json.dumps({'train': {}, 'distill': best}))\n"
-                  "(out / 'metrics.json').write_text('{}'); open(sys.argv[3], 'a').write(out.name + '\\n')\n")
+                  "(out / 'metrics.json').write_text('{}'); open(sys.argv[3], 'a').write(out.name + sys.argv[-1] + '\\n')\n")
 
 
-@pytest.mark.parametrize("new_best, retrained", [(2.0, ["s0"]), (4.0, [])])
-def test_scheduler_retrains_a_tuned_run_only_if_its_search_moved(new_best, retrained, tmp_path, capsys):
+@pytest.mark.parametrize("new_best, search_fails, retrained, failed", [
+    (2.0, False, ["s0--overwrite"], []),  # the search moved: s0 is trained again, from scratch
+    (4.0, False, [], []),  # it did not: s0 stands
+    (4.0, True, [], ["tune"]),  # it failed: s0 is still the best point's run, neither failed nor skipped
+])
+def test_scheduler_retrains_a_tuned_run_only_if_its_search_moved(new_best, search_fails, retrained, failed, tmp_path, capsys):
     search, log = tmp_path / "tune", tmp_path / "trained.log"
     search.mkdir()
     (search / "tune.json").write_text(json.dumps({"trials": 1, "best_params": {"temperature": 4.0}}))  # 1 of 2 trials
     tuned_run(tmp_path / "s0", temperature=4.0)
-    jobs = [leaderboard.Job("tune", search, [sys.executable, "-c", STAND_IN_SEARCH, str(search), str(new_best)], trials=2),
-            leaderboard.Job("s0", tmp_path / "s0", [sys.executable, "-c", STAND_IN_TUNED, str(tmp_path / "s0"), str(search), str(log), "--resume"],
+    search_code = "raise SystemExit(1)" if search_fails else STAND_IN_SEARCH
+    jobs = [leaderboard.Job("tune", search, [sys.executable, "-c", search_code, str(search), str(new_best)], trials=2),
+            leaderboard.Job("s0", tmp_path / "s0", [sys.executable, "-c", STAND_IN_TUNED, str(tmp_path / "s0"), str(search), str(log)],
                             ["tune"], search=search)]
     assert jobs[1].done()  # before the search goes on
-    assert leaderboard.execute(jobs, leaderboard.BUDGETS["cpu"], parallel=2) == []
+    assert leaderboard.execute(jobs, leaderboard.BUDGETS["cpu"], parallel=2) == (failed, 1 + len(retrained) - len(failed))
     assert (log.read_text().split() if log.exists() else []) == retrained
-    assert jobs[1].done()
+    assert jobs[1].done() and "skipped s0" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -160,8 +173,8 @@ def test_scheduler_order_parallelism_and_failures(tmp_path, capsys):
 
     finished(tmp_path / "old")
     jobs = [job("old"), job("a"), job("b", ["a", "old"]), job("c"), job("bad", fail=True), job("after-bad", ["bad"]), job("d", ["b"])]
-    failed = leaderboard.execute(jobs, leaderboard.BUDGETS["cpu"], parallel=2)
-    assert sorted(failed) == ["after-bad", "bad"]
+    failed, ran = leaderboard.execute(jobs, leaderboard.BUDGETS["cpu"], parallel=2)
+    assert sorted(failed) == ["after-bad", "bad"] and ran == 4  # a, b, c, d; old was done; after-bad never started
     events = log.read_text().split("\n")[:-1]
     assert "start old" not in events and "start after-bad" not in events  # done before; needs a failure
     assert events.index("end a") < events.index("start b") < events.index("end b") < events.index("start d")
