@@ -23,6 +23,7 @@ from kd.config import Parser
 from kd.distillers import DISTILLERS
 from kd.engine import format_duration
 from kd.errors import RunError, UsageError, main_guard
+from kd.export import write_text_atomic
 from kd.tune import SUPERVISED, declared_grid, grid_points, methods, parse_grid
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
@@ -279,19 +280,29 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     failed, finished = execute(jobs, budget, args.parallel or budget.parallel)
     print(f"driver: {finished} jobs finished, {len(failed)} failed or skipped, in {format_duration(time.monotonic() - began)} "
           f"({args.parallel or budget.parallel} at a time)", flush=True)
-    write_leaderboard(out)
+    write_leaderboard(out, [mode for mode in modes if mode not in VARIANTS])
     if failed:
         raise RunError(f"{len(failed)} run(s) failed or were skipped: {', '.join(failed)}; run the same command again to retry them")
 
 
-def write_leaderboard(out: Path) -> None:
-    """DIR/leaderboard.md and .png from the finished runs; a note instead when there is no baseline yet."""
-    from kd import report
+def write_leaderboard(out: Path, tuned: Sequence[str]) -> None:
+    """DIR/leaderboard.md and .png from the finished runs, then the searches of the `tuned`
+    methods (their trial counts); a note instead when there is no baseline yet."""
+    from kd import ranking, report
 
+    board = out / "leaderboard.md"
     try:
-        report.main.__wrapped__([str(out / "runs"), "--leaderboard", "--output", str(out / "leaderboard.md")])
+        report.main.__wrapped__([str(out / "runs"), "--leaderboard", "--output", str(board)])
     except UsageError as error:
         print(f"note: no leaderboard yet: {error}", file=sys.stderr)
+        return
+    names = ["student" if mode == SUPERVISED else mode for mode in tuned]  # the rows' names, as in DIR/tune/
+    if names:
+        summaries = {name: out / "tune" / name / "tune.json" for name in names}
+        searches = ranking.searches_markdown({name: json.loads(path.read_text()) if path.is_file() else None
+                                              for name, path in summaries.items()})
+        print("\n" + searches, end="")
+        write_text_atomic(board, board.read_text() + "\n" + searches)
 
 
 if __name__ == "__main__":

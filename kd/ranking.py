@@ -142,6 +142,22 @@ def to_markdown(items: Sequence[Entry], baseline: Row, split: str = "test") -> s
     return "\n".join(lines) + "\n"
 
 
+def searches_markdown(searches: Dict[str, Optional[Dict]]) -> str:
+    """The searches behind the tuned rows: {method: its tune.json, or None (no search yet)}."""
+    lines = ["Searches (`kd.tune`, seed 0; trials read validation macro F1 only):", "",
+             "| method | trials (pruned) | searched | best point | its validation F1 macro |", "|:--|--:|:--|:--|--:|"]
+    for method, summary in searches.items():
+        if summary is None:
+            lines.append(f"| {method} | 0 | – | – | – |")
+            continue
+        grid = summary.get("grid")
+        searched = ("grid " + "; ".join(f"{name} {', '.join(_fmt_value(v) for v in values)}" for name, values in grid.items())
+                    if grid else "TPE draws")
+        best = ", ".join(f"{name}={_fmt_value(value)}" for name, value in summary["best_params"].items())
+        lines.append(f"| {method} | {summary['trials']} ({summary['pruned']}) | {searched} | {best} | {summary['best_val_f1_macro']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def draw(items: Sequence[Entry], baseline: Row, path: Path) -> Path:
     """Δ F1 macro from the baseline per row with its 95% interval as the error bar; rows with
     too few seeds for an interval are drawn as a point."""

@@ -90,3 +90,25 @@ def test_leaderboard_needs_one_baseline(board_root):
     assert ranking.pick_baseline(rows, "distill logits (cifar_resnet8)").label == "distill logits (cifar_resnet8)"
     with pytest.raises(UsageError, match="--baseline 'nope' is no row"):
         ranking.pick_baseline(rows, "nope")
+
+
+def test_driver_appends_the_searches_with_their_trial_counts(board_root, tmp_path, capsys):
+    from kd import leaderboard
+
+    out = tmp_path / "lb"
+    out.mkdir()
+    board_root.rename(out / "runs")
+    (out / "tune" / "logits").mkdir(parents=True)
+    (out / "tune" / "logits" / "tune.json").write_text(json.dumps(
+        {"trials": 3, "pruned": 1, "best_params": {"temperature": 2.5}, "best_val_f1_macro": 0.81234, "grid": {"temperature": [2.5, 4.0, 8.0]}}))
+    (out / "tune" / "student").mkdir(parents=True)
+    (out / "tune" / "student" / "tune.json").write_text(json.dumps(
+        {"trials": 12, "pruned": 4, "best_params": {"lr": 0.3, "weight_decay": 0.001}, "best_val_f1_macro": 0.75, "grid": None}))
+    leaderboard.write_leaderboard(out, ["supervised", "logits", "dkd"])
+    markdown = (out / "leaderboard.md").read_text()
+    assert "| distill logits (cifar_resnet8) tuned |" in markdown  # the report's table comes first
+    searches = markdown[markdown.index("Searches (`kd.tune`"):]
+    assert searches in capsys.readouterr().out
+    assert searches.splitlines()[4:] == ["| student | 12 (4) | TPE draws | lr=0.3, weight_decay=0.001 | 0.7500 |",
+                                         "| logits | 3 (1) | grid temperature 2.5, 4, 8 | temperature=2.5 | 0.8123 |",
+                                         "| dkd | 0 | – | – | – |"]
