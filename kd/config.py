@@ -77,6 +77,8 @@ class RunArgs:
     hub_private: bool = _opt(False, "create the Hub repo as private")
     teacher: str = _opt("outputs/teacher", "teacher: run folder, exported model folder or hf-hub:ORG/NAME")
     list_layers: bool = _opt(False, "print the student's and teacher's layer names and shapes, then exit")
+    test_eval: bool = _opt(True, "read the test split once, at the end (--no-test-eval: no test metrics, confusion matrix "
+                                 "or model card; kd.tune's trials, which select on validation only)")
 
 
 class Parser(argparse.ArgumentParser):

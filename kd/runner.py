@@ -131,6 +131,8 @@ def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Opt
     """Train `cfg.model` with the method `make_method` builds; returns the final metrics."""
     check_output_dir(run)
     check_model_name(cfg.model)
+    if run.push_to_hub and not run.test_eval:
+        raise UsageError("--push-to-hub publishes the test metrics in the model card: drop --no-test-eval")
     out = Path(run.output_dir)
     announce = lambda m: print(m, file=sys.stderr, flush=True) if os.environ.get("RANK", "0") == "0" else None  # noqa: E731  before accelerate starts
     trackers = tracking.resolve_trackers(run.report_to, announce=announce)
@@ -269,11 +271,11 @@ def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: Train
 
 
 def finish(accelerator: Accelerator, student, data: CifarData, state, run: RunArgs, val_loader, test_loader) -> Dict:
-    """Evaluate the kept weights on val and test; export them, write metrics.json, the curves
-    and the model card."""
+    """Evaluate the kept weights on val and test (test: unless --no-test-eval); export them,
+    write metrics.json, the curves, the confusion matrix and the model card."""
     out = Path(run.output_dir)
     student.load_state_dict(checkpoint.kept_student(out / CHECKPOINT))
-    metrics = {"test": engine.evaluate(accelerator, student, test_loader, data.class_names)}
+    metrics = {"test": engine.evaluate(accelerator, student, test_loader, data.class_names)} if run.test_eval else {}
     if val_loader is not None:
         metrics["val"] = engine.evaluate(accelerator, student, val_loader, data.class_names)
     metrics["kept_epoch"] = state.best_epoch
@@ -284,8 +286,14 @@ def finish(accelerator: Accelerator, student, data: CifarData, state, run: RunAr
         export_model(student, out, data.class_names, data.mean, data.std)
         write_json_atomic(out / "metrics.json", metrics)
         plot_history(state.history, out / "curves.png")
-        plot_confusion_matrix(metrics["test"]["confusion_matrix"], data.class_names, out / "confusion_matrix.png")
-        write_model_card(out, run.push_to_hub)
+        if run.test_eval:
+            plot_confusion_matrix(metrics["test"]["confusion_matrix"], data.class_names, out / "confusion_matrix.png")
+            write_model_card(out, run.push_to_hub)
+    if not run.test_eval:
+        val = metrics.get("val")
+        kept = f"val (epoch {state.best_epoch} weights): accuracy={val['accuracy']:.4f} f1_macro={val['f1_macro']:.4f}; " if val else ""
+        accelerator.print(f"{kept}test not read (--no-test-eval) -> {out}")
+        return metrics
     accelerator.log(tracking.flat_metrics("test", metrics["test"]), step=state.epoch)
     tracking.log_confusion_matrix(accelerator, "test/confusion_matrix", metrics["test"]["confusion_matrix"], data.class_names, state.epoch)
     test = metrics["test"]

@@ -153,8 +153,9 @@ def check_training_args(method: str, training_args: List[str]) -> TrainConfig:
 
 def trial_argv(method: str, training_args: List[str], values: Dict, run_dir: Path) -> List[str]:
     mode = ["--mode", method] if method != SUPERVISED else []
-    # trackers off unless the flags ask for one; the sampled values come after the user's flags, so they win
-    return ["--report-to", "none", *training_args, *mode, *to_flags(values), "--output-dir", str(run_dir), "--overwrite"]
+    # trackers off unless the flags ask for one; the sampled values come after the user's flags, so they win;
+    # a trial never reads the test split (the search sees validation only, and so does whoever reads its folders)
+    return ["--report-to", "none", *training_args, *mode, *to_flags(values), "--output-dir", str(run_dir), "--overwrite", "--no-test-eval"]
 
 
 def make_objective(method: str, space: Dict[str, tuple], training_args: List[str], out: Path, epochs: int):

@@ -27,6 +27,7 @@ def one_line_error(result, code=2):
     (["--batch-size", "ten"], "invalid int value: 'ten'"),
     (["--val-size", "500"], "--val-size 500 must be in [0, 192)"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--no-test-eval", "--push-to-hub", "someone/model"], "--push-to-hub publishes the test metrics in the model card: drop --no-test-eval"),
 ])
 def test_bad_training_flags(args, message, tiny_dataset, tmp_path):
     result = run_script("train_student.py", "--dataset", tiny_dataset, "--output-dir", tmp_path / "x", *TINY_FLAGS, *args, check=False)

@@ -48,6 +48,9 @@ def test_search_writes_preset_and_resumes_after_a_kill(tiny_dataset, tmp_path):
         assert trial.value == read_json(run_dir / "metrics.json")["val"]["f1_macro"]  # the objective is validation F1
         assert trial.intermediate_values == {1: read_json(run_dir / "metrics.json")["val"]["f1_macro"]}  # reported per epoch
         assert read_json(run_dir / "run_config.json")["train"]["lr"] == trial.params["lr"]  # the sampled value trained
+        assert "test" not in read_json(run_dir / "metrics.json")  # a trial never reads the test split...
+        assert not (run_dir / "confusion_matrix.png").exists() and not (run_dir / "README.md").exists()  # ...nor shows it
+    assert "test not read (--no-test-eval)" in first.stdout and "test (epoch" not in first.stdout
     best = max((trials[0], trials[2]), key=lambda t: t.value)
     summary = read_json(out / "tune.json")
     assert summary["trials"] == 2 and summary["best_trial"] == best.number and summary["best_params"] == best.params
