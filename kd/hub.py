@@ -27,7 +27,11 @@ def read_run(run_dir: Path) -> Dict:
     if missing:
         raise UsageError(f"{run_dir} is not a finished run folder (no {', '.join(missing)}); "
                          "pass the --output-dir of a completed training run")
-    return {name: json.loads((run_dir / f"{name}.json").read_text()) for name in ("run_config", "metrics")}
+    run = {name: json.loads((run_dir / f"{name}.json").read_text()) for name in ("run_config", "metrics")}
+    if "test" not in run["metrics"]:
+        raise UsageError(f"{run_dir} was trained with --no-test-eval (e.g. a kd.tune trial): it has no test metrics to publish; "
+                         "train it again without that flag")
+    return run
 
 
 def hub_dataset_id(dataset: str) -> Optional[str]:

@@ -7,7 +7,7 @@ Flags it does not know go to every training and search (e.g. --epochs 1 for a sm
 Finished runs (metrics.json) are skipped, interrupted ones resumed (--resume), searches
 continued, and a tuned run no longer trained with its search's best point redone; P
 trainings run at a time. At the end, DIR/leaderboard.md and .png
-(`python -m kd.report DIR/runs --leaderboard`)."""
+(`python -m kd.report DIR/runs --leaderboard`), then a table of the searches and their trials."""
 
 import argparse
 import json
@@ -268,6 +268,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     trials = budget.trials if args.trials is None else args.trials
     if args.seeds < 1 or (trials != "grid" and trials < 0) or (args.parallel is not None and args.parallel < 1):
         raise UsageError("--seeds and --parallel must be >= 1 and --trials >= 0")
+    if any(flag.split("=", 1)[0] in ("--no-test-eval", "--test-eval") for flag in extra):
+        raise UsageError("the leaderboard reads every run's test split: drop --no-test-eval (its searches' trials skip it by themselves)")
     out = Path(args.out)
     jobs = plan(out, budget, args.dataset, args.seeds, trials, modes, extra)
     for mode in modes:
@@ -280,14 +282,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     failed, finished = execute(jobs, budget, args.parallel or budget.parallel)
     print(f"driver: {finished} jobs finished, {len(failed)} failed or skipped, in {format_duration(time.monotonic() - began)} "
           f"({args.parallel or budget.parallel} at a time)", flush=True)
-    write_leaderboard(out, [mode for mode in modes if mode not in VARIANTS])
+    write_leaderboard(out, [mode for mode in modes if mode not in VARIANTS], searched_only=trials == 0)
     if failed:
         raise RunError(f"{len(failed)} run(s) failed or were skipped: {', '.join(failed)}; run the same command again to retry them")
 
 
-def write_leaderboard(out: Path, tuned: Sequence[str]) -> None:
+def write_leaderboard(out: Path, tuned: Sequence[str], searched_only: bool = False) -> None:
     """DIR/leaderboard.md and .png from the finished runs, then the searches of the `tuned`
-    methods (their trial counts); a note instead when there is no baseline yet."""
+    methods (their trial counts; `searched_only`: only those with a search, for --trials 0);
+    a note instead when there is no baseline yet."""
     from kd import ranking, report
 
     board = out / "leaderboard.md"
@@ -297,8 +300,9 @@ def write_leaderboard(out: Path, tuned: Sequence[str]) -> None:
         print(f"note: no leaderboard yet: {error}", file=sys.stderr)
         return
     names = ["student" if mode == SUPERVISED else mode for mode in tuned]  # the rows' names, as in DIR/tune/
-    if names:
-        summaries = {name: out / "tune" / name / "tune.json" for name in names}
+    summaries = {name: out / "tune" / name / "tune.json" for name in names}
+    summaries = {name: path for name, path in summaries.items() if path.is_file() or not searched_only}
+    if summaries:
         searches = ranking.searches_markdown({name: json.loads(path.read_text()) if path.is_file() else None
                                               for name, path in summaries.items()})
         print("\n" + searches, end="")

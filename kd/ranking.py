@@ -144,7 +144,7 @@ def to_markdown(items: Sequence[Entry], baseline: Row, split: str = "test") -> s
 
 def searches_markdown(searches: Dict[str, Optional[Dict]]) -> str:
     """The searches behind the tuned rows: {method: its tune.json, or None (no search yet)}."""
-    lines = ["Searches (`kd.tune`, seed 0; trials read validation macro F1 only):", "",
+    lines = ["Searches (`kd.tune`; its trials evaluate on validation only):", "",
              "| method | trials (pruned) | searched | best point | its validation F1 macro |", "|:--|--:|:--|:--|--:|"]
     for method, summary in searches.items():
         if summary is None:

@@ -132,7 +132,8 @@ def _split_family(family: str, runs: List[Run]) -> List[Row]:
 def _split_metrics(run: Run, split: str) -> Dict:
     values = run.metrics.get(split)
     if not values:
-        hint = " (trained with --val-size 0); use --split test" if split == "val" else ""
+        hint = (" (trained with --val-size 0); use --split test" if split == "val"
+                else " (trained with --no-test-eval, e.g. a kd.tune trial); use --split val")
         raise UsageError(f"{run.path}/metrics.json has no {split} metrics{hint}")
     return values
 

@@ -23,7 +23,7 @@ from kd.data import CifarData, DeviceLoader, load_cifar
 from kd.distillers import Distiller
 from kd.errors import UsageError
 from kd.export import existing_dir, export_model, write_json_atomic, write_text_atomic
-from kd.hub import push_run, write_model_card
+from kd.hub import CARD, push_run, write_model_card
 from kd.plots import plot_confusion_matrix, plot_history
 
 CHECKPOINT = "checkpoint"
@@ -289,13 +289,14 @@ def finish(accelerator: Accelerator, student, data: CifarData, state, run: RunAr
         if run.test_eval:
             plot_confusion_matrix(metrics["test"]["confusion_matrix"], data.class_names, out / "confusion_matrix.png")
             write_model_card(out, run.push_to_hub)
-    if not run.test_eval:
-        val = metrics.get("val")
-        kept = f"val (epoch {state.best_epoch} weights): accuracy={val['accuracy']:.4f} f1_macro={val['f1_macro']:.4f}; " if val else ""
-        accelerator.print(f"{kept}test not read (--no-test-eval) -> {out}")
-        return metrics
-    accelerator.log(tracking.flat_metrics("test", metrics["test"]), step=state.epoch)
-    tracking.log_confusion_matrix(accelerator, "test/confusion_matrix", metrics["test"]["confusion_matrix"], data.class_names, state.epoch)
-    test = metrics["test"]
-    accelerator.print(f"test (epoch {state.best_epoch} weights): accuracy={test['accuracy']:.4f} f1_macro={test['f1_macro']:.4f} -> {out}")
+        else:  # a finished run re-finished with --no-test-eval: no test figures left beside metrics.json
+            for shown in (out / "confusion_matrix.png", out / CARD):
+                shown.unlink(missing_ok=True)
+    if run.test_eval:
+        accelerator.log(tracking.flat_metrics("test", metrics["test"]), step=state.epoch)
+        tracking.log_confusion_matrix(accelerator, "test/confusion_matrix", metrics["test"]["confusion_matrix"], data.class_names, state.epoch)
+    split = "test" if run.test_eval else "val"
+    shown = metrics.get(split)
+    scores = f"{split} (epoch {state.best_epoch} weights): accuracy={shown['accuracy']:.4f} f1_macro={shown['f1_macro']:.4f}" if shown else ""
+    accelerator.print(f"{scores}{'' if run.test_eval else '; test not evaluated (--no-test-eval)'} -> {out}")
     return metrics

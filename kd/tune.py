@@ -145,9 +145,11 @@ def training_entry(method: str):
 def check_training_args(method: str, training_args: List[str]) -> TrainConfig:
     """Parse the training flags once, before any trial: a wrong flag fails now, in one line."""
     parser, _ = training_entry(method)
-    cfg, _, _ = parse(parser, training_args + (["--mode", method] if method != SUPERVISED else []))
+    cfg, _, run = parse(parser, training_args + (["--mode", method] if method != SUPERVISED else []))
     if cfg.val_size <= 0:
         raise UsageError("kd.tune selects on the validation split: --val-size must be > 0")
+    if run.push_to_hub:
+        raise UsageError("kd.tune's trials are not published: drop --push-to-hub (push the tuned run instead)")
     return cfg
 
 

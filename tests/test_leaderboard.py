@@ -149,6 +149,7 @@ def test_scheduler_retrains_a_tuned_run_only_if_its_search_moved(new_best, searc
     (["--budget", "cpu", "--seeds", "0"], "--seeds and --parallel must be >= 1"),
     (["--budget", "cpu", "--trials", "-1"], "--trials >= 0"),
     (["--budget", "cpu", "--trials", "some"], "argument --trials: want a number of trials or 'grid', got 'some'"),
+    (["--budget", "cpu", "--no-test-eval"], "the leaderboard reads every run's test split: drop --no-test-eval"),
 ])
 def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:

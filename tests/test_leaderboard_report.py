@@ -107,7 +107,7 @@ def test_driver_appends_the_searches_with_their_trial_counts(board_root, tmp_pat
     leaderboard.write_leaderboard(out, ["supervised", "logits", "dkd"])
     markdown = (out / "leaderboard.md").read_text()
     assert "| distill logits (cifar_resnet8) tuned |" in markdown  # the report's table comes first
-    searches = markdown[markdown.index("Searches (`kd.tune`"):]
+    searches = markdown[markdown.index("Searches (`kd.tune`;"):]
     assert searches in capsys.readouterr().out
     assert searches.splitlines()[4:] == ["| student | 12 (4) | TPE draws | lr=0.3, weight_decay=0.001 | 0.7500 |",
                                          "| logits | 3 (1) | grid temperature 2.5, 4, 8 | temperature=2.5 | 0.8123 |",

@@ -190,3 +190,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, 
     assert state["epoch"] == 1
     weights = load_file(tmp_path / "run" / "checkpoint" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_no_test_eval_leaves_no_test_figures_and_cannot_be_published(tiny_dataset, tiny_teacher, tmp_path):
+    """A finished run re-finished with --resume --no-test-eval keeps no test figures beside its
+    metrics; such a folder (a kd.tune trial has the same) is refused by kd.hub push in one line."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_teacher, run)
+    assert (run / "confusion_matrix.png").is_file() and (run / "README.md").is_file()
+    result = run_script("train_teacher.py", "--dataset", tiny_dataset, "--model", "cifar_resnet8", "--output-dir", run, *TINY_FLAGS,
+                        "--resume", "--no-test-eval")
+    assert "test not evaluated (--no-test-eval)" in result.stdout
+    assert "test" not in json.loads((run / "metrics.json").read_text()) and "val" in json.loads((run / "metrics.json").read_text())
+    assert not (run / "confusion_matrix.png").exists() and not (run / "README.md").exists()
+    push = subprocess.run([sys.executable, "-m", "kd.hub", "push", str(run), "--repo-id", "someone/model"],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert "was trained with --no-test-eval (e.g. a kd.tune trial): it has no test metrics to publish" in one_line_error(push)

@@ -50,7 +50,7 @@ def test_search_writes_preset_and_resumes_after_a_kill(tiny_dataset, tmp_path):
         assert read_json(run_dir / "run_config.json")["train"]["lr"] == trial.params["lr"]  # the sampled value trained
         assert "test" not in read_json(run_dir / "metrics.json")  # a trial never reads the test split...
         assert not (run_dir / "confusion_matrix.png").exists() and not (run_dir / "README.md").exists()  # ...nor shows it
-    assert "test not read (--no-test-eval)" in first.stdout and "test (epoch" not in first.stdout
+    assert "; test not evaluated (--no-test-eval)" in first.stdout and "test (epoch" not in first.stdout
     best = max((trials[0], trials[2]), key=lambda t: t.value)
     summary = read_json(out / "tune.json")
     assert summary["trials"] == 2 and summary["best_trial"] == best.number and summary["best_params"] == best.params
@@ -126,6 +126,7 @@ class NoSpace(Distiller):
     (["--method", "dkd", "--grid", "dkd_beta=two"], "--grid dkd_beta=two: want a number"),
     (["--method", "supervised", "--grid", "lr=0.1", "--trials", "2"], "--trials 2 is more than the grid's 1 points"),
     (["--method", "dkd", "--grid", "dkd_beta=2", "--params", "dkd_beta"], "leave out --params"),
+    (["--method", "logits", "--trials", "2", "--push-to-hub", "me/model"], "kd.tune's trials are not published: drop --push-to-hub"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(DISTILLERS, "no-space", NoSpace)
