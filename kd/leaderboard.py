@@ -24,7 +24,7 @@ from kd.distillers import DISTILLERS
 from kd.engine import format_duration
 from kd.errors import RunError, UsageError, main_guard
 from kd.export import write_text_atomic
-from kd.tune import SUPERVISED, declared_grid, grid_points, methods, parse_grid
+from kd.tune import SUPERVISED, declared_grid, grid_points, grid_specs, methods
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 # Rows that are a method plus a switch: (method, its flags). Defaults only: the method's search
@@ -121,11 +121,8 @@ def search_budget(mode: str, trials: Union[int, str]) -> Optional[Tuple[List[str
     declared points (None: a grid budget and no search_grid declared, so no search)."""
     if trials != "grid":
         return ["--trials", str(trials)], trials, None
-    specs = declared_grid(mode)
-    if not specs:
-        return None
-    grid = parse_grid(mode, specs)
-    return ["--grid", *specs], len(grid_points(grid)), grid
+    grid = declared_grid(mode)
+    return (["--grid", *grid_specs(grid)], len(grid_points(grid)), grid) if grid else None
 
 
 def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int, str], modes: Sequence[str],
@@ -168,9 +165,10 @@ def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int,
 
 
 def print_plan(jobs: Sequence[Job]) -> None:
-    for job in jobs:
-        print(f"{job.status():6s} {job.name:28s} {' '.join(job.argv()[1:])}")
-    counts = {status: sum(job.status() == status for job in jobs) for status in ("run", "resume", "redo", "skip")}
+    statuses = [job.status() for job in jobs]  # each reads the job's folder: once
+    for job, status in zip(jobs, statuses):
+        print(f"{status:6s} {job.name:28s} {' '.join(job.argv()[1:])}")
+    counts = {status: statuses.count(status) for status in ("run", "resume", "redo", "skip")}
     redo = f", {counts['redo']} to redo (their search's best point changed)" if counts["redo"] else ""
     print(f"plan: {counts['run']} to run, {counts['resume']} to resume{redo}, {counts['skip']} done")
 
@@ -273,7 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     out = Path(args.out)
     jobs = plan(out, budget, args.dataset, args.seeds, trials, modes, extra)
     for mode in modes:
-        if trials == "grid" and mode not in VARIANTS and search_budget(mode, trials) is None:
+        if trials == "grid" and mode not in VARIANTS and not declared_grid(mode):
             print(f"note: {mode} declares no search_grid (kd/distillers/): defaults only under --trials grid", flush=True)
     print_plan(jobs)
     if args.dry_run:

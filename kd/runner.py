@@ -290,13 +290,13 @@ def finish(accelerator: Accelerator, student, data: CifarData, state, run: RunAr
             plot_confusion_matrix(metrics["test"]["confusion_matrix"], data.class_names, out / "confusion_matrix.png")
             write_model_card(out, run.push_to_hub)
         else:  # a finished run re-finished with --no-test-eval: no test figures left beside metrics.json
-            for shown in (out / "confusion_matrix.png", out / CARD):
-                shown.unlink(missing_ok=True)
+            for stale in (out / "confusion_matrix.png", out / CARD):
+                stale.unlink(missing_ok=True)
     if run.test_eval:
         accelerator.log(tracking.flat_metrics("test", metrics["test"]), step=state.epoch)
         tracking.log_confusion_matrix(accelerator, "test/confusion_matrix", metrics["test"]["confusion_matrix"], data.class_names, state.epoch)
     split = "test" if run.test_eval else "val"
-    shown = metrics.get(split)
-    scores = f"{split} (epoch {state.best_epoch} weights): accuracy={shown['accuracy']:.4f} f1_macro={shown['f1_macro']:.4f}" if shown else ""
+    kept = metrics.get(split)
+    scores = f"{split} (epoch {state.best_epoch} weights): accuracy={kept['accuracy']:.4f} f1_macro={kept['f1_macro']:.4f}" if kept else ""
     accelerator.print(f"{scores}{'' if run.test_eval else '; test not evaluated (--no-test-eval)'} -> {out}")
     return metrics

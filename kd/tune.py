@@ -69,16 +69,18 @@ def parse_grid(method: str, specs: Sequence[str]) -> Dict[str, list]:
     return {name: [grid_value(method, name, *declared[name], text=text) for text in values] for name, values in texts.items()}
 
 
-def declared_grid(method: str) -> List[str]:
-    """The method's `search_grid` as `--grid` arguments (NAME=V1,V2,...), checked like a user's
-    grid; [] when it declares none."""
-    specs = [f"{name}={','.join(str(value) for value in values)}" for name, values in methods()[method].search_grid.items()]
+def grid_specs(grid: Dict[str, list]) -> List[str]:
+    """A grid as `--grid` arguments: NAME=V1,V2,..."""
+    return [f"{name}={','.join(str(value) for value in values)}" for name, values in grid.items()]
+
+
+def declared_grid(method: str) -> Dict[str, list]:
+    """The method's `search_grid`, typed and checked like a user's --grid; {} when it declares none."""
+    declared = methods()[method].search_grid
     try:
-        if specs:
-            parse_grid(method, specs)
+        return parse_grid(method, grid_specs(declared)) if declared else {}
     except UsageError as error:  # the user typed no --grid: name the declaration
         raise UsageError(f"{method}.search_grid (kd/distillers/): {error}") from None
-    return specs
 
 
 def grid_value(method: str, name: str, kind: str, *args, text: str):

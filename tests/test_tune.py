@@ -142,8 +142,8 @@ def test_every_method_declares_a_valid_space_and_grid():
     for method in tune.methods():
         space = tune.search_space(method)  # raises on a malformed entry or an empty space
         assert space, method
-        specs = tune.declared_grid(method)  # raises on a point outside the space
-        assert len(tune.grid_points(tune.parse_grid(method, specs))) >= 2, method  # a grid of one point tunes nothing
+        grid = tune.declared_grid(method)  # raises on a point outside the space
+        assert len(tune.grid_points(grid)) >= 2, method  # a grid of one point tunes nothing
 
 
 def test_a_grid_does_not_resume_a_search_of_tpe_draws(tmp_path, capsys):
