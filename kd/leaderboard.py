@@ -30,6 +30,10 @@ PRESETS = Path(__file__).resolve().parents[1] / "presets"
 # Rows that are a method plus a switch: (method, its flags). Defaults only: the method's search
 # space does not act on what the switch changes (standardised logits use --ls-* settings).
 VARIANTS = {"logits-ls": ("logits", ["--logit-standardization"])}
+# Every search trains its trials on this seed, and a tuned row runs on the n seeds after it: the
+# trial the search picked is never one of the row's runs (its own validation noise chose it, and
+# on CPU the same settings and seed give the same run, so it would lift the row's mean).
+SEARCH_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,8 @@ def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int,
          extra: Sequence[str]) -> List[Job]:
     """Every run of the leaderboard, each with the runs it needs first, in the order they start:
     the teacher, then every row's default run seed by seed (so that each row has n = 2, enough
-    for an interval, before any has n = 3), then each method's search and its tuned runs."""
+    for an interval, before any has n = 3), then each method's search and its tuned runs (on
+    tuned_seeds: not the search's seed)."""
     runs, searches = out / "runs", out / "tune"
     common = ["--dataset", dataset, "--report-to", "none", *extra]
     teacher = runs / "teacher"
@@ -154,14 +159,27 @@ def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int,
         (budget_flags, count, grid), search = searched, searches / name
         from_teacher = method[:2]  # --teacher DIR (nothing for the baseline)
         jobs.append(Job(f"{name}/tune", search, [sys.executable, "-m", "kd.tune", "--method", mode, *budget_flags, "--output-dir",
-                                                 str(search), *student, *from_teacher, "--seed", "0"], needs, trials=count, grid=grid))
+                                                 str(search), *student, *from_teacher, "--seed", str(SEARCH_SEED)], needs, trials=count, grid=grid))
         # the command line overrides --config: a searched setting among the extra flags would undo the search
         tuned_common = ["--dataset", dataset, "--report-to", "none", *without_flags(extra, methods()[mode].search_space)]
-        for seed in range(seeds):
+        for seed in tuned_seeds(seeds):
             folder = runs / name / "tuned" / f"s{seed}"
             flags = [*tuned_common, "--config", str(search / "best.yaml"), *method, "--seed", str(seed), "--tags", "tuned"]
             jobs.append(Job(f"{name}/tuned/s{seed}", folder, training(script, folder, flags), [f"{name}/tune"], search=search))
     return jobs
+
+
+def tuned_seeds(seeds: int) -> range:
+    return range(SEARCH_SEED + 1, SEARCH_SEED + 1 + seeds)
+
+
+def unplanned_runs(out: Path, jobs: Sequence[Job]) -> List[Path]:
+    """Finished runs in the planned rows' folders that the plan does not hold (e.g. a tuned run
+    on the search's seed, from an older driver): the leaderboard would count them all the same."""
+    planned = {job.out for job in jobs}
+    rows = {job.out.parents[1] for job in jobs if job.trials is None and job.name.count("/") == 2}
+    found = {metrics.parent for row in rows for metrics in row.glob("*/s*/metrics.json")}
+    return sorted(found - planned)
 
 
 def print_plan(jobs: Sequence[Job]) -> None:
@@ -273,6 +291,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for mode in modes:
         if trials == "grid" and mode not in VARIANTS and not declared_grid(mode):
             print(f"note: {mode} declares no search_grid (kd/distillers/): defaults only under --trials grid", flush=True)
+    strays = unplanned_runs(out, jobs)
+    if strays:
+        print(f"note: {len(strays)} finished run(s) are not in this plan but the leaderboard reads every run under {out / 'runs'}: "
+              f"{', '.join(str(path.relative_to(out / 'runs')) for path in strays)}; move them out of it to leave them out", flush=True)
     print_plan(jobs)
     if args.dry_run:
         return

@@ -36,7 +36,7 @@ def test_dry_run_plans_every_method_and_skips_what_is_done(tmp_path, capsys, mon
     before = sorted(p for p in root.rglob("*"))
     plan, summary = plan_lines(capsys, tmp_path, "--seeds", "2", "--trials", "3")
     methods = ["student", *DISTILLERS]
-    expected = ["teacher"] + [f"{m}/{kind}" for m in methods for kind in ("default/s0", "default/s1", "tune", "tuned/s0", "tuned/s1")]
+    expected = ["teacher"] + [f"{m}/{kind}" for m in methods for kind in ("default/s0", "default/s1", "tune", "tuned/s1", "tuned/s2")]
     expected += [f"{v}/default/s{seed}" for v in leaderboard.VARIANTS for seed in (0, 1)]  # a switch's rows: defaults only
     assert sorted(plan) == sorted(expected)
     order = list(plan)  # seed by seed across the rows, then the searches
@@ -54,12 +54,12 @@ def test_dry_run_plans_every_method_and_skips_what_is_done(tmp_path, capsys, mon
     assert summary == f"plan: {len(expected) - 4} to run, 1 to resume, 3 done"
     assert sorted(p for p in root.rglob("*")) == before  # a dry run writes nothing
     plan, _ = plan_lines(capsys, tmp_path, "--seeds", "1", "--trials", "4", "--modes", "logits", "--epochs", "1", "--temperature", "2", "--alpha=0.5")
-    assert sorted(plan) == ["logits/default/s0", "logits/tune", "logits/tuned/s0", "student/default/s0", "teacher"]
+    assert sorted(plan) == ["logits/default/s0", "logits/tune", "logits/tuned/s1", "student/default/s0", "teacher"]
     assert plan["logits/tune"].split()[0] == "run"  # 3 of 4 trials: the search goes on
     assert all("--epochs 1 " in line for line in plan.values())  # unknown flags reach every run and search
     assert "--temperature 2 --alpha=0.5" in plan["logits/default/s0"] and "--temperature 2 --alpha=0.5" in plan["logits/tune"]
     # ...except a searched setting in a tuned run: it would override the tuned preset (the command line beats --config)
-    assert "--temperature" not in plan["logits/tuned/s0"] and "--alpha" not in plan["logits/tuned/s0"]
+    assert "--temperature" not in plan["logits/tuned/s1"] and "--alpha" not in plan["logits/tuned/s1"]
     plan, _ = plan_lines(capsys, tmp_path, "--seeds", "1", "--trials", "0", "--modes", "at")
     assert sorted(plan) == ["at/default/s0", "student/default/s0", "teacher"]  # --trials 0: defaults only
 
@@ -79,12 +79,12 @@ def test_grid_budget_tunes_on_each_declared_grid(tmp_path, capsys, monkeypatch):
     assert f"-m kd.tune --method dkd --grid dkd_beta={values} --output-dir" in plan["dkd/tune"]
     assert plan["dkd/tune"].split()[0] == "resume"  # 2 of the grid's 3 points
     assert "student/tune" not in plan and "logits-ls/tune" not in plan  # not asked for; a variant: defaults only
-    assert "no-grid/default/s0" in plan and "no-grid/tune" not in plan and "no-grid/tuned/s0" not in plan
+    assert "no-grid/default/s0" in plan and "no-grid/tune" not in plan and "no-grid/tuned/s1" not in plan
     leaderboard.main(["run", "--dataset", "d", "--out", str(tmp_path / "lb"), "--budget", "cpu", "--dry-run", "--seeds", "1", "--modes", "no-grid"])
     assert capsys.readouterr().out.startswith("note: no-grid declares no search_grid (kd/distillers/): defaults only under --trials grid\n")
     (search / "tune.json").write_text(json.dumps({"trials": 3, "best_params": {"dkd_beta": 1.0}, "grid": grid}))
     plan, _ = plan_lines(capsys, tmp_path, "--seeds", "1", "--modes", "dkd")
-    assert plan["dkd/tune"].split()[0] == "skip" and plan["dkd/tuned/s0"].split()[0] == "run"
+    assert plan["dkd/tune"].split()[0] == "skip" and plan["dkd/tuned/s1"].split()[0] == "run"
     (search / "tune.json").write_text(json.dumps({"trials": 3, "best_params": {"dkd_beta": 1.0}, "grid": None}))  # 3 TPE draws
     plan, _ = plan_lines(capsys, tmp_path, "--seeds", "1", "--modes", "dkd")
     assert plan["dkd/tune"].split()[0] == "resume"  # not the declared grid: not done (kd.tune then says why, in one line)
@@ -100,17 +100,33 @@ def test_a_tuned_run_older_than_its_search_best_point_is_redone(tmp_path, capsys
     root = tmp_path / "lb"
     (root / "tune" / "logits").mkdir(parents=True)
     (root / "tune" / "logits" / "tune.json").write_text(json.dumps({"trials": 3, "best_params": {"temperature": 2.0}}))
-    tuned_run(root / "runs" / "logits" / "tuned" / "s0", temperature=4.0)  # made with an earlier best point
-    tuned_run(root / "runs" / "logits" / "tuned" / "s1", temperature=2.0)  # with the best point
-    tuned_run(root / "runs" / "logits" / "tuned" / "s2", done=False, temperature=4.0)  # interrupted, earlier point
-    tuned_run(root / "runs" / "logits" / "tuned" / "s3", done=False, temperature=2.0)  # interrupted, best point
-    finished(root / "runs" / "logits" / "tuned" / "s4")  # finished, no run_config.json to compare: redone
+    tuned_run(root / "runs" / "logits" / "tuned" / "s1", temperature=4.0)  # made with an earlier best point
+    tuned_run(root / "runs" / "logits" / "tuned" / "s2", temperature=2.0)  # with the best point
+    tuned_run(root / "runs" / "logits" / "tuned" / "s3", done=False, temperature=4.0)  # interrupted, earlier point
+    tuned_run(root / "runs" / "logits" / "tuned" / "s4", done=False, temperature=2.0)  # interrupted, best point
+    finished(root / "runs" / "logits" / "tuned" / "s5")  # finished, no run_config.json to compare: redone
     plan, summary = plan_lines(capsys, tmp_path, "--seeds", "5", "--trials", "3", "--modes", "logits")
-    status = {seed: plan[f"logits/tuned/s{seed}"].split()[0] for seed in range(5)}
-    assert status == {0: "redo", 1: "skip", 2: "redo", 3: "resume", 4: "redo"}
-    assert all(plan[f"logits/tuned/s{seed}"].endswith("--overwrite") for seed in (0, 2, 4))  # an outdated run cannot resume
-    assert plan["logits/tuned/s3"].endswith("--resume")
+    status = {seed: plan[f"logits/tuned/s{seed}"].split()[0] for seed in range(1, 6)}
+    assert status == {1: "redo", 2: "skip", 3: "redo", 4: "resume", 5: "redo"}
+    assert all(plan[f"logits/tuned/s{seed}"].endswith("--overwrite") for seed in (1, 3, 5))  # an outdated run cannot resume
+    assert plan["logits/tuned/s4"].endswith("--resume")
     assert "3 to redo (their search's best point changed)" in summary
+
+
+def test_tuned_rows_never_hold_the_trial_the_search_picked(tmp_path, capsys):
+    root = tmp_path / "lb"
+    tuned_run(root / "runs" / "logits" / "tuned" / "s0", temperature=2.0)  # an older driver's: the search's own seed
+    finished(root / "runs" / "logits" / "default" / "s0")
+    plan, _ = plan_lines(capsys, tmp_path, "--seeds", "3", "--trials", "3", "--modes", "logits")
+    assert f"--seed {leaderboard.SEARCH_SEED}" in plan["logits/tune"]
+    tuned = sorted(name for name in plan if "/tuned/" in name)
+    assert tuned == ["logits/tuned/s1", "logits/tuned/s2", "logits/tuned/s3"]
+    assert all(f"--seed {name[-1]} " in plan[name] for name in tuned)
+    assert f"s{leaderboard.SEARCH_SEED}" not in {name.rsplit("/", 1)[1] for name in tuned}
+    leaderboard.main(["run", "--dataset", "d", "--out", str(root), "--budget", "cpu", "--dry-run", "--seeds", "3", "--modes", "logits"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: 1 finished run(s) are not in this plan but the leaderboard reads every run under {root / 'runs'}: "
+                     "logits/tuned/s0; move them out of it to leave them out"]
 
 
 STAND_IN_SEARCH = ("import json, pathlib, sys\n"
