@@ -302,15 +302,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     failed, finished = execute(jobs, budget, args.parallel or budget.parallel)
     print(f"driver: {finished} jobs finished, {len(failed)} failed or skipped, in {format_duration(time.monotonic() - began)} "
           f"({args.parallel or budget.parallel} at a time)", flush=True)
-    write_leaderboard(out, [mode for mode in modes if mode not in VARIANTS], searched_only=trials == 0)
+    write_leaderboard(out, [mode for mode in modes if mode not in VARIANTS], searched_only=trials == 0, parallel=args.parallel or budget.parallel)
     if failed:
         raise RunError(f"{len(failed)} run(s) failed or were skipped: {', '.join(failed)}; run the same command again to retry them")
 
 
-def write_leaderboard(out: Path, tuned: Sequence[str], searched_only: bool = False) -> None:
+def write_leaderboard(out: Path, tuned: Sequence[str], searched_only: bool = False, parallel: int = 1) -> None:
     """DIR/leaderboard.md and .png from the finished runs, then the searches of the `tuned`
-    methods (their trial counts; `searched_only`: only those with a search, for --trials 0);
-    a note instead when there is no baseline yet."""
+    methods (their trial counts; `searched_only`: only those with a search, for --trials 0), then
+    the compute behind it all (runs `parallel` at a time); a note instead when there is no
+    baseline yet."""
     from kd import ranking, report
 
     board = out / "leaderboard.md"
@@ -327,6 +328,10 @@ def write_leaderboard(out: Path, tuned: Sequence[str], searched_only: bool = Fal
                                               for name, path in summaries.items()})
         print("\n" + searches, end="")
         write_text_atomic(board, board.read_text() + "\n" + searches)
+    compute = ranking.compute_markdown([path.parent for path in (out / "runs").glob("**/history.jsonl")],
+                                       [path.parent for path in (out / "tune").glob("*/trials/*/history.jsonl")], parallel)
+    print("\n" + compute, end="")
+    write_text_atomic(board, board.read_text() + "\n" + compute)
 
 
 if __name__ == "__main__":

@@ -48,21 +48,27 @@ def pick_baseline(rows: Sequence[Row], label: Optional[str] = None) -> Row:
     return students[0]
 
 
-def history(run: Run) -> List[Dict]:
-    path = Path(run.path) / "history.jsonl"
+def history(folder: Path) -> List[Dict]:
+    """A run folder's (or a search trial's) history.jsonl: one record per epoch."""
+    path = Path(folder) / "history.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def seconds_per_image(run: Run) -> Optional[float]:
     """1 / the median epoch's images per second (the median: the first epoch carries warm-up)."""
-    speeds = [record["images_per_s"] for record in history(run) if record.get("images_per_s")]
+    speeds = [record["images_per_s"] for record in history(run.path) if record.get("images_per_s")]
     return 1 / statistics.median(speeds) if speeds else None
 
 
 def wall_time_s(run: Run) -> Optional[float]:
     """The epochs' wall time (training and validation) summed over the run, resumed parts
     included; runs from before epoch_time_s was recorded give their training time."""
-    records = history(run)
+    return folder_wall_time_s(run.path)
+
+
+def folder_wall_time_s(folder: Path) -> Optional[float]:
+    """wall_time_s of a run folder or a search trial's (None: no epoch yet)."""
+    records = history(folder)
     key = "epoch_time_s" if records and all("epoch_time_s" in record for record in records) else "train_time_s"
     times = [record[key] for record in records if key in record]
     return sum(times) if times else None
@@ -156,6 +162,17 @@ def searches_markdown(searches: Dict[str, Optional[Dict]]) -> str:
         best = ", ".join(f"{name}={_fmt_value(value)}" for name, value in summary["best_params"].items())
         lines.append(f"| {method} | {summary['trials']} ({summary['pruned']}) | {searched} | {best} | {summary['best_val_f1_macro']:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def compute_markdown(runs: Sequence[Path], trials: Sequence[Path], parallel: int) -> str:
+    """What the whole leaderboard cost, over however many invocations and sessions: the epochs'
+    wall time summed over its run folders and its searches' trial folders, and that sum over
+    `parallel` (the driver's wall time while all its slots are busy)."""
+    spent = {kind: [t for t in map(folder_wall_time_s, folders) if t is not None] for kind, folders in (("runs", runs), ("trials", trials))}
+    total = sum(spent["runs"]) + sum(spent["trials"])
+    return (f"Compute: {len(spent['runs'])} runs and {len(spent['trials'])} search trials, {format_duration(total)} of epochs' wall time "
+            f"summed (runs {format_duration(sum(spent['runs']))}, trials {format_duration(sum(spent['trials']))}); "
+            f"at {parallel} at a time, about {format_duration(total / parallel)} of driver wall time.\n")
 
 
 def draw(items: Sequence[Entry], baseline: Row, path: Path) -> Path:

@@ -104,11 +104,18 @@ def test_driver_appends_the_searches_with_their_trial_counts(board_root, tmp_pat
     (out / "tune" / "student").mkdir(parents=True)
     (out / "tune" / "student" / "tune.json").write_text(json.dumps(
         {"trials": 12, "pruned": 4, "best_params": {"lr": 0.3, "weight_decay": 0.001}, "best_val_f1_macro": 0.75, "grid": None}))
-    leaderboard.write_leaderboard(out, ["supervised", "logits", "dkd"])
+    trial = out / "tune" / "logits" / "trials" / "000"
+    trial.mkdir(parents=True)
+    (trial / "history.jsonl").write_text("".join(json.dumps({"epoch": e, "epoch_time_s": 50.0}) + "\n" for e in (1, 2)))  # pruned at 2
+    leaderboard.write_leaderboard(out, ["supervised", "logits", "dkd"], parallel=2)
     markdown = (out / "leaderboard.md").read_text()
     assert "| distill logits (cifar_resnet8) tuned |" in markdown  # the report's table comes first
     searches = markdown[markdown.index("Searches (`kd.tune`;"):]
     assert searches in capsys.readouterr().out
-    assert searches.splitlines()[4:] == ["| student | 12 (4) | TPE draws | lr=0.3, weight_decay=0.001 | 0.7500 |",
-                                         "| logits | 3 (1) | grid temperature 2.5, 4, 8 | temperature=2.5 | 0.8123 |",
-                                         "| dkd | 0 | – | – | – |"]
+    assert searches.splitlines()[4:8] == ["| student | 12 (4) | TPE draws | lr=0.3, weight_decay=0.001 | 0.7500 |",
+                                          "| logits | 3 (1) | grid temperature 2.5, 4, 8 | temperature=2.5 | 0.8123 |",
+                                          "| dkd | 0 | – | – | – |", ""]
+    # teacher 3 x 120 s, students 3 x 3 x 60, logits 3 x 3 x 90, tuned logits 3 x 100 (training time: an old history),
+    # the trial 2 x 50: 2110 s, over 2 slots 1055 s
+    assert markdown.endswith("\nCompute: 8 runs and 1 search trials, 35m10s of epochs' wall time summed (runs 33m30s, trials 1m40s); "
+                             "at 2 at a time, about 17m35s of driver wall time.\n")
