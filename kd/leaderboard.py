@@ -7,7 +7,8 @@ Flags it does not know go to every training and search (e.g. --epochs 1 for a sm
 Finished runs (metrics.json) are skipped, interrupted ones resumed (--resume), searches
 continued, and a tuned run no longer trained with its search's best point redone; P
 trainings run at a time. At the end, DIR/leaderboard.md and .png
-(`python -m kd.report DIR/runs --leaderboard`), then a table of the searches and their trials."""
+(`python -m kd.report DIR/runs --leaderboard`), then a table of the searches and their trials,
+then the compute behind the folders (epochs' wall time summed over runs and trials)."""
 
 import argparse
 import json
@@ -158,8 +159,9 @@ def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int,
             continue
         (budget_flags, count, grid), search = searched, searches / name
         from_teacher = method[:2]  # --teacher DIR (nothing for the baseline)
-        jobs.append(Job(f"{name}/tune", search, [sys.executable, "-m", "kd.tune", "--method", mode, *budget_flags, "--output-dir",
-                                                 str(search), *student, *from_teacher, "--seed", str(SEARCH_SEED)], needs, trials=count, grid=grid))
+        searching = [sys.executable, "-m", "kd.tune", "--method", mode, *budget_flags, "--output-dir", str(search),
+                     *student, *from_teacher, "--seed", str(SEARCH_SEED)]
+        jobs.append(Job(f"{name}/tune", search, searching, needs, trials=count, grid=grid))
         # the command line overrides --config: a searched setting among the extra flags would undo the search
         tuned_common = ["--dataset", dataset, "--report-to", "none", *without_flags(extra, methods()[mode].search_space)]
         for seed in tuned_seeds(seeds):
@@ -173,13 +175,20 @@ def tuned_seeds(seeds: int) -> range:
     return range(SEARCH_SEED + 1, SEARCH_SEED + 1 + seeds)
 
 
-def unplanned_runs(out: Path, jobs: Sequence[Job]) -> List[Path]:
-    """Finished runs in the planned rows' folders that the plan does not hold (e.g. a tuned run
-    on the search's seed, from an older driver): the leaderboard would count them all the same."""
-    planned = {job.out for job in jobs}
-    rows = {job.out.parents[1] for job in jobs if job.trials is None and job.name.count("/") == 2}
-    found = {metrics.parent for row in rows for metrics in row.glob("*/s*/metrics.json")}
-    return sorted(found - planned)
+def foreign_runs(out: Path) -> List[Path]:
+    """Finished runs under DIR/runs that no plan of this driver holds, which kd.report counts all
+    the same: a tuned run on or below the search's seed (an older driver's), or anything that is
+    neither the teacher nor ROW/{default,tuned}/sSEED."""
+    runs = out / "runs"
+    foreign = []
+    for folder in sorted(metrics.parent for metrics in runs.rglob("metrics.json")):
+        parts = folder.relative_to(runs).parts
+        if parts == ("teacher",):
+            continue
+        seed = parts[2][1:] if len(parts) == 3 and parts[2][:1] == "s" else ""
+        if not seed.isdigit() or parts[1] not in ("default", "tuned") or (parts[1] == "tuned" and int(seed) <= SEARCH_SEED):
+            foreign.append(folder)
+    return foreign
 
 
 def print_plan(jobs: Sequence[Job]) -> None:
@@ -291,18 +300,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for mode in modes:
         if trials == "grid" and mode not in VARIANTS and not declared_grid(mode):
             print(f"note: {mode} declares no search_grid (kd/distillers/): defaults only under --trials grid", flush=True)
-    strays = unplanned_runs(out, jobs)
-    if strays:
-        print(f"note: {len(strays)} finished run(s) are not in this plan but the leaderboard reads every run under {out / 'runs'}: "
-              f"{', '.join(str(path.relative_to(out / 'runs')) for path in strays)}; move them out of it to leave them out", flush=True)
+    foreign = foreign_runs(out)
+    if foreign:
+        print(f"note: the leaderboard counts every run under {out / 'runs'}, and no plan holds "
+              f"{', '.join(str(path.relative_to(out / 'runs')) for path in foreign)}: move it out of there to leave it out", flush=True)
     print_plan(jobs)
     if args.dry_run:
         return
-    began = time.monotonic()
-    failed, finished = execute(jobs, budget, args.parallel or budget.parallel)
+    began, parallel = time.monotonic(), args.parallel or budget.parallel
+    failed, finished = execute(jobs, budget, parallel)
     print(f"driver: {finished} jobs finished, {len(failed)} failed or skipped, in {format_duration(time.monotonic() - began)} "
-          f"({args.parallel or budget.parallel} at a time)", flush=True)
-    write_leaderboard(out, [mode for mode in modes if mode not in VARIANTS], searched_only=trials == 0, parallel=args.parallel or budget.parallel)
+          f"({parallel} at a time)", flush=True)
+    write_leaderboard(out, [mode for mode in modes if mode not in VARIANTS], searched_only=trials == 0, parallel=parallel)
     if failed:
         raise RunError(f"{len(failed)} run(s) failed or were skipped: {', '.join(failed)}; run the same command again to retry them")
 

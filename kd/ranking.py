@@ -60,14 +60,10 @@ def seconds_per_image(run: Run) -> Optional[float]:
     return 1 / statistics.median(speeds) if speeds else None
 
 
-def wall_time_s(run: Run) -> Optional[float]:
-    """The epochs' wall time (training and validation) summed over the run, resumed parts
-    included; runs from before epoch_time_s was recorded give their training time."""
-    return folder_wall_time_s(run.path)
-
-
-def folder_wall_time_s(folder: Path) -> Optional[float]:
-    """wall_time_s of a run folder or a search trial's (None: no epoch yet)."""
+def wall_time_s(folder: Path) -> Optional[float]:
+    """The epochs' wall time (training and validation) summed over a run or search trial,
+    resumed parts included; runs from before epoch_time_s was recorded give their training
+    time. None: no epoch yet."""
     records = history(folder)
     key = "epoch_time_s" if records and all("epoch_time_s" in record for record in records) else "train_time_s"
     times = [record[key] for record in records if key in record]
@@ -111,7 +107,7 @@ def entries(rows: Sequence[Row], baseline: Row, split: str = "test") -> List[Ent
             settings=_joined([searched_settings(run) for run in row.runs]),
             deltas={key: None if row is baseline else stats.welch_interval(values[key], base[key]) for key, _ in COMPARED},
             step_cost=cost / base_cost if cost and base_cost else None,
-            wall_time_s=_mean(wall_time_s(run) for run in row.runs),
+            wall_time_s=_mean(wall_time_s(run.path) for run in row.runs),
             measured_on=_joined([measured_on(run) for run in row.runs]),
         ))
     return out
@@ -165,14 +161,16 @@ def searches_markdown(searches: Dict[str, Optional[Dict]]) -> str:
 
 
 def compute_markdown(runs: Sequence[Path], trials: Sequence[Path], parallel: int) -> str:
-    """What the whole leaderboard cost, over however many invocations and sessions: the epochs'
-    wall time summed over its run folders and its searches' trial folders, and that sum over
-    `parallel` (the driver's wall time while all its slots are busy)."""
-    spent = {kind: [t for t in map(folder_wall_time_s, folders) if t is not None] for kind, folders in (("runs", runs), ("trials", trials))}
-    total = sum(spent["runs"]) + sum(spent["trials"])
-    return (f"Compute: {len(spent['runs'])} runs and {len(spent['trials'])} search trials, {format_duration(total)} of epochs' wall time "
-            f"summed (runs {format_duration(sum(spent['runs']))}, trials {format_duration(sum(spent['trials']))}); "
-            f"at {parallel} at a time, about {format_duration(total / parallel)} of driver wall time.\n")
+    """What the leaderboard's folders cost, however many invocations made them: the epochs' wall
+    time summed over the run folders and the searches' trial folders present (a run started over
+    keeps only its last attempt's), and that sum over `parallel`, a rough driver wall time."""
+    run_times = [t for t in map(wall_time_s, runs) if t is not None]
+    trial_times = [t for t in map(wall_time_s, trials) if t is not None]
+    total = sum(run_times) + sum(trial_times)
+    return (f"Compute: {len(run_times)} runs and {len(trial_times)} search trial{'s' * (len(trial_times) != 1)}, "
+            f"{format_duration(total)} of epochs' wall time summed (runs {format_duration(sum(run_times))}, "
+            f"trials {format_duration(sum(trial_times))}); with {parallel} at a time, "
+            f"about {format_duration(total / parallel)} of driver wall time.\n")
 
 
 def draw(items: Sequence[Entry], baseline: Row, path: Path) -> Path:

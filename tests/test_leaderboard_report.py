@@ -107,6 +107,9 @@ def test_driver_appends_the_searches_with_their_trial_counts(board_root, tmp_pat
     trial = out / "tune" / "logits" / "trials" / "000"
     trial.mkdir(parents=True)
     (trial / "history.jsonl").write_text("".join(json.dumps({"epoch": e, "epoch_time_s": 50.0}) + "\n" for e in (1, 2)))  # pruned at 2
+    (out / "tune" / "logits" / "trials" / "001").mkdir()  # interrupted before its first epoch: no history, not counted
+    (out / "tune" / "logits" / "best").mkdir()  # not a trial
+    (out / "tune" / "logits" / "best" / "history.jsonl").write_text(json.dumps({"epoch": 1, "epoch_time_s": 999.0}) + "\n")
     leaderboard.write_leaderboard(out, ["supervised", "logits", "dkd"], parallel=2)
     markdown = (out / "leaderboard.md").read_text()
     assert "| distill logits (cifar_resnet8) tuned |" in markdown  # the report's table comes first
@@ -117,5 +120,5 @@ def test_driver_appends_the_searches_with_their_trial_counts(board_root, tmp_pat
                                           "| dkd | 0 | – | – | – |", ""]
     # teacher 3 x 120 s, students 3 x 3 x 60, logits 3 x 3 x 90, tuned logits 3 x 100 (training time: an old history),
     # the trial 2 x 50: 2110 s, over 2 slots 1055 s
-    assert markdown.endswith("\nCompute: 8 runs and 1 search trials, 35m10s of epochs' wall time summed (runs 33m30s, trials 1m40s); "
-                             "at 2 at a time, about 17m35s of driver wall time.\n")
+    assert markdown.endswith("\nCompute: 8 runs and 1 search trial, 35m10s of epochs' wall time summed (runs 33m30s, trials 1m40s); "
+                             "with 2 at a time, about 17m35s of driver wall time.\n")
