@@ -12,13 +12,14 @@ then the compute behind the folders (epochs' wall time summed over runs and tria
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from kd.config import Parser
 from kd.distillers import DISTILLERS
@@ -44,13 +45,15 @@ class Budget:
     parallel: int  # trainings at a time
     threads: Optional[int]  # torch threads per training (None: torch's default)
     trials: Union[int, str]  # default search budget per method: TPE trials, or "grid" (each method's search_grid)
+    tuned_top: Optional[int] = None  # tuned rows for only the methods tuning moved most (None: every searched one)
     gpu_per_run: bool = False  # pin each parallel run to its own GPU (CUDA_VISIBLE_DEVICES)
 
 
 BUDGETS = {
     # the thin pair cifar_resnet20 -> cifar_resnet8 at CPU epochs: 2 cores, one thread per run
-    # (a run costs 12-45 core-minutes there: a few grid points per method, not a TPE search)
-    "cpu": Budget("cpu-thin-teacher.yaml", "cpu-thin-student.yaml", parallel=2, threads=1, trials="grid"),
+    # (a run costs 12-45 core-minutes there: a few grid points per method, not a TPE search, and
+    # tuned rows for the 3 methods it moved most)
+    "cpu": Budget("cpu-thin-teacher.yaml", "cpu-thin-student.yaml", parallel=2, threads=1, trials="grid", tuned_top=3),
     # the report's pair cifar_resnet14x4 -> cifar_resnet8x4 at GPU epochs: one run per GPU
     "gpu": Budget("gpu-teacher.yaml", "gpu-student.yaml", parallel=1, threads=None, trials=30, gpu_per_run=True),
 }
@@ -65,6 +68,8 @@ class Job:
     trials: Optional[int] = None  # a search: done when this many trials finished...
     grid: Optional[Dict[str, list]] = None  # ...on this grid (None: TPE draws)
     search: Optional[Path] = None  # a tuned run: done only if trained with its search's best point
+    after: List[str] = field(default_factory=list)  # jobs to wait for, done or failed, before `gate` can judge
+    gate: Optional[Callable[[], Optional[str]]] = None  # why the job is left out (None: it runs)
 
     def done(self) -> bool:
         if self.trials is None:
@@ -131,11 +136,11 @@ def search_budget(mode: str, trials: Union[int, str]) -> Optional[Tuple[List[str
 
 
 def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int, str], modes: Sequence[str],
-         extra: Sequence[str]) -> List[Job]:
+         extra: Sequence[str], tuned_top: Optional[int] = None) -> List[Job]:
     """Every run of the leaderboard, each with the runs it needs first, in the order they start:
     the teacher, then every row's default run seed by seed (so that each row has n = 2, enough
     for an interval, before any has n = 3), then each method's search and its tuned runs (on
-    tuned_seeds: not the search's seed)."""
+    tuned_seeds: not the search's seed; with `tuned_top`, for the methods it moved most)."""
     runs, searches = out / "runs", out / "tune"
     common = ["--dataset", dataset, "--report-to", "none", *extra]
     teacher = runs / "teacher"
@@ -168,7 +173,40 @@ def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int,
             folder = runs / name / "tuned" / f"s{seed}"
             flags = [*tuned_common, "--config", str(search / "best.yaml"), *method, "--seed", str(seed), "--tags", "tuned"]
             jobs.append(Job(f"{name}/tuned/s{seed}", folder, training(script, folder, flags), [f"{name}/tune"], search=search))
+    if tuned_top is not None:
+        gate_tuned_rows(out, jobs, tuned_top)
     return jobs
+
+
+def gain(out: Path, name: str) -> Optional[float]:
+    """How far row `name`'s search lifted validation macro F1 above its default run on the
+    search's seed (None: either is missing)."""
+    summary, default = out / "tune" / name / "tune.json", out / "runs" / name / "default" / f"s{SEARCH_SEED}" / "metrics.json"
+    if not (summary.is_file() and default.is_file()):
+        return None
+    return json.loads(summary.read_text())["best_val_f1_macro"] - json.loads(default.read_text())["val"]["f1_macro"]
+
+
+def gate_tuned_rows(out: Path, jobs: Sequence[Job], top: int) -> None:
+    """Tuned runs for only the `top` methods whose search moved them most (gain), judged once
+    every method's search and default run on the search's seed has settled. The student's tuned
+    row always runs: it is what a tuned method meets."""
+    methods_searched = [job.name.split("/")[0] for job in jobs if job.trials is not None and job.name != "student/tune"]
+    settled = [*(f"{name}/tune" for name in methods_searched), *(f"{name}/default/s{SEARCH_SEED}" for name in methods_searched)]
+
+    def left_out(name: str) -> Optional[str]:
+        gains = {method: gain(out, method) for method in methods_searched}
+        ranked = sorted(methods_searched, key=lambda method: -math.inf if gains[method] is None else gains[method], reverse=True)
+        if name in ranked[:top]:
+            return None
+        shown = {method: "n/a" if value is None else f"{value:+.4f}" for method, value in gains.items()}
+        return (f"tuning moved its validation F1 {shown[name]}, not among the {top} it moved most "
+                f"({', '.join(f'{method} {shown[method]}' for method in ranked[:top])})")
+
+    for job in jobs:
+        name = job.name.split("/")[0]
+        if job.search is not None and name in methods_searched:
+            job.after, job.gate = settled, lambda name=name: left_out(name)
 
 
 def tuned_seeds(seeds: int) -> range:
@@ -193,11 +231,15 @@ def foreign_runs(out: Path) -> List[Path]:
 
 def print_plan(jobs: Sequence[Job]) -> None:
     statuses = [job.status() for job in jobs]  # each reads the job's folder: once
+    settled = {job.name for job, status in zip(jobs, statuses) if status == "skip"}
+    statuses = ["out" if status != "skip" and job.gate and settled.issuperset(job.after) and job.gate() else status
+                for job, status in zip(jobs, statuses)]
     for job, status in zip(jobs, statuses):
         print(f"{status:6s} {job.name:28s} {' '.join(job.argv()[1:])}")
-    counts = {status: statuses.count(status) for status in ("run", "resume", "redo", "skip")}
+    counts = {status: statuses.count(status) for status in ("run", "resume", "redo", "skip", "out")}
     redo = f", {counts['redo']} to redo (their search's best point changed)" if counts["redo"] else ""
-    print(f"plan: {counts['run']} to run, {counts['resume']} to resume{redo}, {counts['skip']} done")
+    out = f", {counts['out']} left out (--tuned-top)" if counts["out"] else ""
+    print(f"plan: {counts['run']} to run, {counts['resume']} to resume{redo}, {counts['skip']} done{out}")
 
 
 def start(job: Job, budget: Budget, slot: int) -> subprocess.Popen:
@@ -238,14 +280,18 @@ def execute(jobs: Sequence[Job], budget: Budget, parallel: int) -> Tuple[List[st
                 continue
             print(f"skipped {job.name}: it needs {', '.join(need for need in job.needs if need in failed)}", flush=True)
             failed.append(job.name)
-        busy = {job.name for job, _, _ in running.values()}
-        ready = [job for job in waiting if all(need not in busy and need not in {j.name for j in waiting} for need in job.needs)]
+        unsettled = {job.name for job, _, _ in running.values()} | {job.name for job in waiting}
+        ready = [job for job in waiting if unsettled.isdisjoint(job.needs) and unsettled.isdisjoint(job.after)]
         for slot in (s for s in range(parallel) if s not in running):
             if not ready:
                 break
             job = ready.pop(0)
             waiting.remove(job)
             if job.done():  # still made with its search's best point
+                continue
+            reason = job.gate() if job.gate else None
+            if reason:
+                print(f"left out {job.name}: {reason}", flush=True)
                 continue
             running[slot] = (job, start(job, budget, slot), time.monotonic())
         time.sleep(0.5)
@@ -254,6 +300,14 @@ def execute(jobs: Sequence[Job], budget: Budget, parallel: int) -> Tuple[List[st
 
 def all_modes() -> List[str]:
     return [SUPERVISED, *DISTILLERS, *VARIANTS]
+
+
+def top_count(text: str) -> Optional[int]:
+    if text == "all":
+        return None
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"want a number of methods >= 1 or 'all', got {text!r}")
 
 
 def trial_budget(text: str) -> Union[int, str]:
@@ -276,9 +330,12 @@ def build_parser() -> Parser:
     run.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default: 3)")
     run.add_argument("--trials", type=trial_budget, help="kd.tune trials per method (TPE), or 'grid': each method's declared "
                      "search_grid; 0: defaults only (default: the budget's: cpu grid, gpu 30)")
+    run.add_argument("--tuned-top", type=top_count, default=argparse.SUPPRESS, metavar="K|all",
+                     help="run tuned presets over seeds for only the K methods whose search lifted validation F1 most above "
+                          "their default run on the search's seed; the student's always (default: the budget's: cpu 3, gpu all)")
     run.add_argument("--modes", nargs="+", help=f"methods (default: all: {' '.join(all_modes())}; variants are run with defaults only)")
     run.add_argument("--parallel", type=int, help="trainings at a time (default: the budget's)")
-    run.add_argument("--dry-run", action="store_true", help="print the plan (run / resume / redo / skip per run) and stop")
+    run.add_argument("--dry-run", action="store_true", help="print the plan (run / resume / redo / skip / out per run) and stop")
     return parser
 
 
@@ -296,7 +353,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if any(flag.split("=", 1)[0] in ("--no-test-eval", "--test-eval") for flag in extra):
         raise UsageError("the leaderboard reads every run's test split: drop --no-test-eval (its searches' trials skip it by themselves)")
     out = Path(args.out)
-    jobs = plan(out, budget, args.dataset, args.seeds, trials, modes, extra)
+    tuned_top = getattr(args, "tuned_top", budget.tuned_top)
+    jobs = plan(out, budget, args.dataset, args.seeds, trials, modes, extra, tuned_top)
     for mode in modes:
         if trials == "grid" and mode not in VARIANTS and not declared_grid(mode):
             print(f"note: {mode} declares no search_grid (kd/distillers/): defaults only under --trials grid", flush=True)
@@ -334,7 +392,7 @@ def write_leaderboard(out: Path, tuned: Sequence[str], searched_only: bool = Fal
     summaries = {name: path for name, path in summaries.items() if path.is_file() or not searched_only}
     if summaries:
         searches = ranking.searches_markdown({name: json.loads(path.read_text()) if path.is_file() else None
-                                              for name, path in summaries.items()})
+                                              for name, path in summaries.items()}, {name: gain(out, name) for name in summaries})
         print("\n" + searches, end="")
         write_text_atomic(board, board.read_text() + "\n" + searches)
     compute = ranking.compute_markdown([path.parent for path in (out / "runs").glob("**/history.jsonl")],

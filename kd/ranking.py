@@ -144,19 +144,24 @@ def to_markdown(items: Sequence[Entry], baseline: Row, split: str = "test") -> s
     return "\n".join(lines) + "\n"
 
 
-def searches_markdown(searches: Dict[str, Optional[Dict]]) -> str:
-    """The searches behind the tuned rows: {method: its tune.json, or None (no search yet)}."""
+def searches_markdown(searches: Dict[str, Optional[Dict]], gains: Optional[Dict[str, Optional[float]]] = None) -> str:
+    """The searches behind the tuned rows: {method: its tune.json, or None (no search yet)}, and
+    how far each lifted validation F1 above the method's default run on the search's seed
+    (`gains`; None: not known)."""
+    gains = gains or {}
     lines = ["Searches (`kd.tune`; its trials evaluate on validation only):", "",
-             "| method | trials (pruned) | searched | best point | its validation F1 macro |", "|:--|--:|:--|:--|--:|"]
+             "| method | trials (pruned) | searched | best point | its validation F1 macro | over the default's (same seed) |",
+             "|:--|--:|:--|:--|--:|--:|"]
     for method, summary in searches.items():
         if summary is None:
-            lines.append(f"| {method} | 0 | – | – | – |")
+            lines.append(f"| {method} | 0 | – | – | – | – |")
             continue
         grid = summary.get("grid")
         searched = ("grid " + "; ".join(f"{name} {', '.join(_fmt_value(v) for v in values)}" for name, values in grid.items())
                     if grid else "TPE draws")
         best = ", ".join(f"{name}={_fmt_value(value)}" for name, value in summary["best_params"].items())
-        lines.append(f"| {method} | {summary['trials']} ({summary['pruned']}) | {searched} | {best} | {summary['best_val_f1_macro']:.4f} |")
+        gain = "n/a" if gains.get(method) is None else f"{gains[method]:+.4f}"
+        lines.append(f"| {method} | {summary['trials']} ({summary['pruned']}) | {searched} | {best} | {summary['best_val_f1_macro']:.4f} | {gain} |")
     return "\n".join(lines) + "\n"
 
 

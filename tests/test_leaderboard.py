@@ -14,7 +14,7 @@ from kd.distillers.dkd import DKD
 def plan_lines(capsys, tmp_path, *flags):
     leaderboard.main(["run", "--dataset", "data/cifar10", "--out", str(tmp_path / "lb"), "--budget", "cpu", "--dry-run", *flags])
     lines = capsys.readouterr().out.splitlines()
-    return {line.split()[1]: line for line in lines[:-1] if line.split()[0] in ("run", "resume", "redo", "skip")}, lines[-1]
+    return {line.split()[1]: line for line in lines[:-1] if line.split()[0] in ("run", "resume", "redo", "skip", "out")}, lines[-1]
 
 
 def finished(folder):
@@ -133,6 +133,56 @@ def test_tuned_rows_never_hold_the_trial_the_search_picked(tmp_path, capsys):
                          "dkd/tuned/s0, logits/best/s1, logits/default/seed1, logits/tuned/s0, stray: move it out of there to leave it out"]
 
 
+def searched(root, name, best_val, default_val, trials=3):
+    (root / "tune" / name).mkdir(parents=True)
+    (root / "tune" / name / "tune.json").write_text(json.dumps({"trials": trials, "best_params": {}, "best_val_f1_macro": best_val}))
+    default = root / "runs" / name / "default" / f"s{leaderboard.SEARCH_SEED}"
+    default.mkdir(parents=True)
+    (default / "metrics.json").write_text(json.dumps({"val": {"f1_macro": default_val}}))
+
+
+def test_tuned_top_runs_tuned_rows_for_the_methods_tuning_moved_most(tmp_path, capsys):
+    root = tmp_path / "lb"
+    searched(root, "logits", 0.80, 0.79)  # +0.01
+    searched(root, "dkd", 0.81, 0.26)  # +0.55: its default diverged
+    searched(root, "at", 0.79, 0.75, trials=2)  # +0.04 so far, one trial to go
+    searched(root, "student", 0.78, 0.70)  # +0.08, but the baseline is no candidate: its tuned row always runs
+    flags = ["--seeds", "1", "--trials", "3", "--modes", "supervised", "logits", "dkd", "at", "--tuned-top", "2"]
+    plan, summary = plan_lines(capsys, tmp_path, *flags)
+    assert {name: plan[name].split()[0] for name in plan if "/tuned/" in name} == {  # at's search not settled: no verdict yet
+        "student/tuned/s1": "run", "logits/tuned/s1": "run", "dkd/tuned/s1": "run", "at/tuned/s1": "run"}
+    (root / "tune" / "at" / "tune.json").write_text(json.dumps({"trials": 3, "best_params": {}, "best_val_f1_macro": 0.77}))  # +0.02
+    plan, summary = plan_lines(capsys, tmp_path, *flags)
+    status = {name: plan[name].split()[0] for name in plan if "/tuned/" in name}
+    assert status == {"student/tuned/s1": "run", "logits/tuned/s1": "out", "dkd/tuned/s1": "run", "at/tuned/s1": "run"}
+    assert summary.endswith(", 1 left out (--tuned-top)")
+    plan, _ = plan_lines(capsys, tmp_path, *flags[:-2])  # the cpu budget's 3: all three
+    assert all(line.split()[0] == "run" for name, line in plan.items() if "/tuned/" in name)
+    job = next(job for job in leaderboard.plan(root, leaderboard.BUDGETS["cpu"], "d", 1, 3, ["logits", "dkd", "at"], [], tuned_top=1)
+               if job.name == "at/tuned/s1")
+    assert job.gate() == "tuning moved its validation F1 +0.0200, not among the 1 it moved most (dkd +0.5500)"
+    assert sorted(job.after) == ["at/default/s0", "at/tune", "dkd/default/s0", "dkd/tune", "logits/default/s0", "logits/tune"]
+
+
+def test_scheduler_leaves_gated_jobs_out_after_what_they_wait_for_settles(tmp_path, capsys):
+    log = tmp_path / "order.log"
+
+    def job(name, fail=False, **fields):
+        return leaderboard.Job(name, tmp_path / name, [sys.executable, "-c", STAND_IN, str(tmp_path / name), str(log), "1" if fail else "0"],
+                               **fields)
+
+    seen = []
+    jobs = [job("search-a"), job("search-b", fail=True),
+            job("tuned-a", needs=["search-a"], after=["search-a", "search-b"], gate=lambda: seen.append(log.read_text()) or None),
+            job("tuned-b", needs=["search-b"], after=["search-a", "search-b"], gate=lambda: "not among the top 1"),
+            job("tuned-c", after=["search-a", "search-b"], gate=lambda: "not among the top 1")]
+    failed, ran = leaderboard.execute(jobs, leaderboard.BUDGETS["cpu"], parallel=2)
+    assert sorted(failed) == ["search-b", "tuned-b"] and ran == 2  # a failed search blocks its own tuned run only
+    assert "end search-a" in seen[0] and "end search-b" in seen[0]  # judged once both searches settled
+    out = capsys.readouterr().out
+    assert "left out tuned-c: not among the top 1" in out and "start tuned-c" not in log.read_text()
+
+
 STAND_IN_SEARCH = ("import json, pathlib, sys\n"
                    "out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)\n"
                    "(out / 'tune.json').write_text(json.dumps({'trials': 2, 'best_params': {'temperature': float(sys.argv[2])}}))\n")
@@ -169,6 +219,7 @@ def test_scheduler_retrains_a_tuned_run_only_if_its_search_moved(new_best, searc
     (["--budget", "cpu", "--seeds", "0"], "--seeds and --parallel must be >= 1"),
     (["--budget", "cpu", "--trials", "-1"], "--trials >= 0"),
     (["--budget", "cpu", "--trials", "some"], "argument --trials: want a number of trials or 'grid', got 'some'"),
+    (["--budget", "cpu", "--tuned-top", "0"], "argument --tuned-top: want a number of methods >= 1 or 'all', got '0'"),
     (["--budget", "cpu", "--no-test-eval"], "the leaderboard reads every run's test split: drop --no-test-eval"),
 ])
 def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path, capsys):
