@@ -1,7 +1,8 @@
 """The leaderboard experiment, resumable: a teacher, the student baseline, and every
 distillation method with its paper defaults and tuned on validation (kd.tune), over seeds.
 
-    python -m kd.leaderboard run --dataset PATH --out DIR --budget cpu [--seeds 3] [--trials N|grid] [--modes ...] [--dry-run]
+    python -m kd.leaderboard run --dataset PATH --out DIR --budget cpu [--seeds 3] [--trials N|grid] [--tuned-top K|all]
+        [--modes ...] [--dry-run]
 
 Flags it does not know go to every training and search (e.g. --epochs 1 for a smoke test).
 Finished runs (metrics.json) are skipped, interrupted ones resumed (--resume), searches
@@ -11,21 +12,20 @@ trainings run at a time. At the end, DIR/leaderboard.md and .png
 then the compute behind the folders (epochs' wall time summed over runs and trials)."""
 
 import argparse
+import functools
 import json
-import math
-import os
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from kd.config import Parser
 from kd.distillers import DISTILLERS
 from kd.engine import format_duration
 from kd.errors import RunError, UsageError, main_guard
 from kd.export import write_text_atomic
+from kd.scheduler import Job, execute
 from kd.tune import SUPERVISED, declared_grid, grid_points, grid_specs, methods
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
@@ -57,55 +57,6 @@ BUDGETS = {
     # the report's pair cifar_resnet14x4 -> cifar_resnet8x4 at GPU epochs: one run per GPU
     "gpu": Budget("gpu-teacher.yaml", "gpu-student.yaml", parallel=1, threads=None, trials=30, gpu_per_run=True),
 }
-
-
-@dataclass
-class Job:
-    name: str
-    out: Path
-    command: List[str]  # a training's command ends before --resume/--overwrite, which argv() adds
-    needs: List[str] = field(default_factory=list)
-    trials: Optional[int] = None  # a search: done when this many trials finished...
-    grid: Optional[Dict[str, list]] = None  # ...on this grid (None: TPE draws)
-    search: Optional[Path] = None  # a tuned run: done only if trained with its search's best point
-    after: List[str] = field(default_factory=list)  # jobs to wait for, done or failed, before `gate` can judge
-    gate: Optional[Callable[[], Optional[str]]] = None  # why the job is left out (None: it runs)
-
-    def done(self) -> bool:
-        if self.trials is None:
-            return (self.out / "metrics.json").is_file() and not self.outdated()
-        summary = self.out / "tune.json"
-        if not summary.is_file():
-            return False
-        searched = json.loads(summary.read_text())
-        return searched["trials"] >= self.trials and searched.get("grid") == self.grid
-
-    def outdated(self) -> bool:
-        """A tuned run, finished or interrupted, whose settings are no longer its search's best
-        point (the search went on after it, e.g. with more --trials): trained again from scratch."""
-        if self.search is None or not (self.search / "tune.json").is_file():
-            return False
-        resolved = self.out / "run_config.json"
-        if not resolved.is_file():  # nothing to compare: a finished run is redone, a fresh one started
-            return (self.out / "metrics.json").is_file()
-        config = json.loads(resolved.read_text())
-        settings = {**config["train"], **(config.get("distill") or {})}
-        best = json.loads((self.search / "tune.json").read_text())["best_params"]
-        return any(settings.get(name) != value for name, value in best.items())
-
-    def argv(self) -> List[str]:
-        if self.trials is not None:
-            return self.command
-        # an interrupted run continues from its checkpoint; anything else is started over
-        resume = (self.out / "checkpoint").exists() and not self.outdated()
-        return [*self.command, "--resume" if resume else "--overwrite"]
-
-    def status(self) -> str:
-        if self.done():
-            return "skip"
-        if self.outdated():
-            return "redo"
-        return "resume" if (self.out / "checkpoint").exists() or (self.out / "study.db").exists() else "run"
 
 
 def training(script: str, out: Path, flags: Sequence[str]) -> List[str]:
@@ -157,24 +108,31 @@ def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int,
         for name, (script, needs, method) in rows.items():
             folder = runs / name / "default" / f"s{seed}"
             jobs.append(Job(f"{name}/default/s{seed}", folder, training(script, folder, [*student, *method, "--seed", str(seed)]), needs))
-    for name, (script, needs, method) in rows.items():
+    searched = {}  # name -> kd.tune's budget flags, trial count and grid, for each row with a search
+    for name in rows:
         mode = SUPERVISED if name == "student" else name
-        searched = search_budget(mode, trials) if trials != 0 and mode in modes and mode not in VARIANTS else None
-        if searched is None:
-            continue
-        (budget_flags, count, grid), search = searched, searches / name
+        budgeted = search_budget(mode, trials) if trials != 0 and mode in modes and mode not in VARIANTS else None
+        if budgeted is not None:
+            searched[name] = budgeted
+    ranked = [name for name in searched if name != "student"]  # --tuned-top ranks the methods; the baseline's tuned row always runs
+    gated = tuned_top is not None and len(ranked) > tuned_top
+    verdict = [need for name in ranked for need in (f"{name}/tune", f"{name}/default/s{SEARCH_SEED}")] if gated else []
+    for name, (budget_flags, count, grid) in searched.items():
+        script, needs, method = rows[name]
+        mode, search = SUPERVISED if name == "student" else name, searches / name
         from_teacher = method[:2]  # --teacher DIR (nothing for the baseline)
         searching = [sys.executable, "-m", "kd.tune", "--method", mode, *budget_flags, "--output-dir", str(search),
                      *student, *from_teacher, "--seed", str(SEARCH_SEED)]
         jobs.append(Job(f"{name}/tune", search, searching, needs, trials=count, grid=grid))
         # the command line overrides --config: a searched setting among the extra flags would undo the search
         tuned_common = ["--dataset", dataset, "--report-to", "none", *without_flags(extra, methods()[mode].search_space)]
+        ranks = name in ranked and gated
+        gate = functools.partial(left_out, out, name, ranked, tuned_top) if ranks else None
         for seed in tuned_seeds(seeds):
             folder = runs / name / "tuned" / f"s{seed}"
             flags = [*tuned_common, "--config", str(search / "best.yaml"), *method, "--seed", str(seed), "--tags", "tuned"]
-            jobs.append(Job(f"{name}/tuned/s{seed}", folder, training(script, folder, flags), [f"{name}/tune"], search=search))
-    if tuned_top is not None:
-        gate_tuned_rows(out, jobs, tuned_top)
+            tuned_needs = list(dict.fromkeys([f"{name}/tune", *(verdict if ranks else [])]))
+            jobs.append(Job(f"{name}/tuned/s{seed}", folder, training(script, folder, flags), tuned_needs, search=search, gate=gate))
     return jobs
 
 
@@ -187,26 +145,20 @@ def gain(out: Path, name: str) -> Optional[float]:
     return json.loads(summary.read_text())["best_val_f1_macro"] - json.loads(default.read_text())["val"]["f1_macro"]
 
 
-def gate_tuned_rows(out: Path, jobs: Sequence[Job], top: int) -> None:
-    """Tuned runs for only the `top` methods whose search moved them most (gain), judged once
-    every method's search and default run on the search's seed has settled. The student's tuned
-    row always runs: it is what a tuned method meets."""
-    methods_searched = [job.name.split("/")[0] for job in jobs if job.trials is not None and job.name != "student/tune"]
-    settled = [*(f"{name}/tune" for name in methods_searched), *(f"{name}/default/s{SEARCH_SEED}" for name in methods_searched)]
-
-    def left_out(name: str) -> Optional[str]:
-        gains = {method: gain(out, method) for method in methods_searched}
-        ranked = sorted(methods_searched, key=lambda method: -math.inf if gains[method] is None else gains[method], reverse=True)
-        if name in ranked[:top]:
-            return None
-        shown = {method: "n/a" if value is None else f"{value:+.4f}" for method, value in gains.items()}
-        return (f"tuning moved its validation F1 {shown[name]}, not among the {top} it moved most "
-                f"({', '.join(f'{method} {shown[method]}' for method in ranked[:top])})")
-
-    for job in jobs:
-        name = job.name.split("/")[0]
-        if job.search is not None and name in methods_searched:
-            job.after, job.gate = settled, lambda name=name: left_out(name)
+def left_out(out: Path, name: str, ranked: Sequence[str], top: int) -> Optional[str]:
+    """Why method `name`'s tuned runs are left out under --tuned-top `top` (None: they run),
+    asked once every method in `ranked` has its search and its default run on the search's seed:
+    its gain is below the top-th largest (ties at the cut all run). A method with tuned runs on
+    disk keeps its row, completed and kept current: no row is left partial or stale."""
+    if any(folder.is_dir() for folder in (out / "runs" / name / "tuned").glob("s*")):
+        return None
+    gains = {method: gain(out, method) for method in ranked}
+    known = sorted((value for value in gains.values() if value is not None), reverse=True)
+    if len(known) <= top or (gains[name] is not None and gains[name] >= known[top - 1]):
+        return None
+    leaders = sorted((method for method in ranked if gains[method] is not None and gains[method] >= known[top - 1]), key=gains.get, reverse=True)
+    shown = "n/a" if gains[name] is None else f"{gains[name]:+.4f}"
+    return f"tuning moved its validation F1 {shown}, below the {top} it moved most ({', '.join(f'{m} {gains[m]:+.4f}' for m in leaders)})"
 
 
 def tuned_seeds(seeds: int) -> range:
@@ -232,7 +184,7 @@ def foreign_runs(out: Path) -> List[Path]:
 def print_plan(jobs: Sequence[Job]) -> None:
     statuses = [job.status() for job in jobs]  # each reads the job's folder: once
     settled = {job.name for job, status in zip(jobs, statuses) if status == "skip"}
-    statuses = ["out" if status != "skip" and job.gate and settled.issuperset(job.after) and job.gate() else status
+    statuses = ["out" if status != "skip" and job.gate and settled.issuperset(job.needs) and job.gate() else status
                 for job, status in zip(jobs, statuses)]
     for job, status in zip(jobs, statuses):
         print(f"{status:6s} {job.name:28s} {' '.join(job.argv()[1:])}")
@@ -240,62 +192,6 @@ def print_plan(jobs: Sequence[Job]) -> None:
     redo = f", {counts['redo']} to redo (their search's best point changed)" if counts["redo"] else ""
     out = f", {counts['out']} left out (--tuned-top)" if counts["out"] else ""
     print(f"plan: {counts['run']} to run, {counts['resume']} to resume{redo}, {counts['skip']} done{out}")
-
-
-def start(job: Job, budget: Budget, slot: int) -> subprocess.Popen:
-    env = dict(os.environ)
-    if budget.threads:
-        env["OMP_NUM_THREADS"] = str(budget.threads)
-    if budget.gpu_per_run and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        env["CUDA_VISIBLE_DEVICES"] = str(slot)  # --parallel N on N GPUs: slot i trains on GPU i
-    job.out.parent.mkdir(parents=True, exist_ok=True)
-    log = open(f"{job.out}.log", "a")
-    return subprocess.Popen(job.argv(), stdout=log, stderr=subprocess.STDOUT, env=env)
-
-
-def execute(jobs: Sequence[Job], budget: Budget, parallel: int) -> Tuple[List[str], int]:
-    """Run the jobs not done yet, `parallel` at a time, each once its needs are done; a failure
-    skips what needs it and the rest goes on. A done job whose needs are still to run waits too:
-    a search that goes on may outdate it. Returns (the names that failed or were skipped, the
-    number of jobs that ran and finished)."""
-    pending = {job.name for job in jobs if not job.done()}
-    waiting = [job for job in jobs if job.name in pending or pending & set(job.needs)]
-    running: Dict[int, tuple] = {}  # slot -> (job, process, start time)
-    failed: List[str] = []
-    finished = 0
-    while waiting or running:
-        for slot, (job, process, began) in list(running.items()):
-            if process.poll() is None:
-                continue
-            del running[slot]
-            ok = process.returncode == 0 and job.done()
-            print(f"{'done' if ok else 'FAILED'} {job.name}: {time.monotonic() - began:.0f} s" + ("" if ok else f" (see {job.out}.log)"), flush=True)
-            if not ok:
-                failed.append(job.name)
-            finished += ok
-        blocked = [job for job in waiting if any(need in failed for need in job.needs)]
-        for job in blocked:
-            waiting.remove(job)
-            if job.done():  # a failed search left it as it was: still made with the best point
-                continue
-            print(f"skipped {job.name}: it needs {', '.join(need for need in job.needs if need in failed)}", flush=True)
-            failed.append(job.name)
-        unsettled = {job.name for job, _, _ in running.values()} | {job.name for job in waiting}
-        ready = [job for job in waiting if unsettled.isdisjoint(job.needs) and unsettled.isdisjoint(job.after)]
-        for slot in (s for s in range(parallel) if s not in running):
-            if not ready:
-                break
-            job = ready.pop(0)
-            waiting.remove(job)
-            if job.done():  # still made with its search's best point
-                continue
-            reason = job.gate() if job.gate else None
-            if reason:
-                print(f"left out {job.name}: {reason}", flush=True)
-                continue
-            running[slot] = (job, start(job, budget, slot), time.monotonic())
-        time.sleep(0.5)
-    return failed, finished
 
 
 def all_modes() -> List[str]:
@@ -366,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.dry_run:
         return
     began, parallel = time.monotonic(), args.parallel or budget.parallel
-    failed, finished = execute(jobs, budget, parallel)
+    failed, finished = execute(jobs, parallel, budget.threads, budget.gpu_per_run)
     print(f"driver: {finished} jobs finished, {len(failed)} failed or skipped, in {format_duration(time.monotonic() - began)} "
           f"({parallel} at a time)", flush=True)
     write_leaderboard(out, [mode for mode in modes if mode not in VARIANTS], searched_only=trials == 0, parallel=parallel)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from kd import leaderboard
+from kd import leaderboard, scheduler
 from kd.distillers import DISTILLERS, Distiller
 from kd.distillers.dkd import DKD
 
@@ -143,44 +143,58 @@ def searched(root, name, best_val, default_val, trials=3):
 
 def test_tuned_top_runs_tuned_rows_for_the_methods_tuning_moved_most(tmp_path, capsys):
     root = tmp_path / "lb"
-    searched(root, "logits", 0.80, 0.79)  # +0.01
     searched(root, "dkd", 0.81, 0.26)  # +0.55: its default diverged
-    searched(root, "at", 0.79, 0.75, trials=2)  # +0.04 so far, one trial to go
-    searched(root, "student", 0.78, 0.70)  # +0.08, but the baseline is no candidate: its tuned row always runs
-    flags = ["--seeds", "1", "--trials", "3", "--modes", "supervised", "logits", "dkd", "at", "--tuned-top", "2"]
-    plan, summary = plan_lines(capsys, tmp_path, *flags)
-    assert {name: plan[name].split()[0] for name in plan if "/tuned/" in name} == {  # at's search not settled: no verdict yet
-        "student/tuned/s1": "run", "logits/tuned/s1": "run", "dkd/tuned/s1": "run", "at/tuned/s1": "run"}
+    searched(root, "hidden", 0.79, 0.76)  # +0.03
+    searched(root, "at", 0.79, 0.75, trials=2)  # one trial to go
+    searched(root, "logits", 0.80, 0.79)  # +0.01
+    searched(root, "student", 0.78, 0.70)  # +0.08, but the baseline is not ranked: its tuned row always runs
+    modes = ["--seeds", "1", "--trials", "3", "--modes", "supervised", "dkd", "hidden", "at", "logits"]
+
+    def tuned_status(*flags):
+        plan, summary = plan_lines(capsys, tmp_path, *modes, *flags)
+        return {name.split("/")[0]: line.split()[0] for name, line in plan.items() if "/tuned/" in name}, summary
+
+    status, _ = tuned_status("--tuned-top", "2")
+    assert set(status.values()) == {"run"}  # at's search is not done: no verdict yet
     (root / "tune" / "at" / "tune.json").write_text(json.dumps({"trials": 3, "best_params": {}, "best_val_f1_macro": 0.77}))  # +0.02
-    plan, summary = plan_lines(capsys, tmp_path, *flags)
-    status = {name: plan[name].split()[0] for name in plan if "/tuned/" in name}
-    assert status == {"student/tuned/s1": "run", "logits/tuned/s1": "out", "dkd/tuned/s1": "run", "at/tuned/s1": "run"}
-    assert summary.endswith(", 1 left out (--tuned-top)")
-    plan, _ = plan_lines(capsys, tmp_path, *flags[:-2])  # the cpu budget's 3: all three
-    assert all(line.split()[0] == "run" for name, line in plan.items() if "/tuned/" in name)
-    job = next(job for job in leaderboard.plan(root, leaderboard.BUDGETS["cpu"], "d", 1, 3, ["logits", "dkd", "at"], [], tuned_top=1)
-               if job.name == "at/tuned/s1")
-    assert job.gate() == "tuning moved its validation F1 +0.0200, not among the 1 it moved most (dkd +0.5500)"
-    assert sorted(job.after) == ["at/default/s0", "at/tune", "dkd/default/s0", "dkd/tune", "logits/default/s0", "logits/tune"]
+    status, summary = tuned_status("--tuned-top", "2")
+    assert status == {"student": "run", "dkd": "run", "hidden": "run", "at": "out", "logits": "out"}
+    assert summary.endswith(", 2 left out (--tuned-top)")
+    assert tuned_status()[0] == {"student": "run", "dkd": "run", "hidden": "run", "at": "run", "logits": "out"}  # the cpu budget's 3
+    assert set(tuned_status("--tuned-top", "all")[0].values()) == {"run"}
+    (root / "tune" / "at" / "tune.json").write_text(json.dumps({"trials": 3, "best_params": {}, "best_val_f1_macro": 0.78}))  # +0.03
+    assert tuned_status("--tuned-top", "2")[0]["at"] == "run"  # tied with hidden at the cut: both run
+    tuned_run(root / "runs" / "logits" / "tuned" / "s1")  # a row begun before (an earlier verdict): completed, not left partial
+    plan, _ = plan_lines(capsys, tmp_path, *modes, "--seeds", "2", "--tuned-top", "1")
+    assert [plan[f"logits/tuned/s{seed}"].split()[0] for seed in (1, 2)] == ["skip", "run"]
+    assert plan["hidden/tuned/s2"].split()[0] == "out"
+    jobs = {job.name: job for job in leaderboard.plan(root, leaderboard.BUDGETS["cpu"], "d", 1, 3, ["dkd", "hidden", "at"], [], tuned_top=1)}
+    assert jobs["hidden/tuned/s1"].gate() == "tuning moved its validation F1 +0.0300, below the 1 it moved most (dkd +0.5500)"
+    assert jobs["hidden/tuned/s1"].needs == ["hidden/tune", "dkd/tune", "dkd/default/s0", "hidden/default/s0", "at/tune", "at/default/s0"]
+    assert jobs["dkd/tuned/s1"].gate() is None
+    jobs = leaderboard.plan(root, leaderboard.BUDGETS["cpu"], "d", 1, 3, ["dkd", "hidden"], [], tuned_top=2)
+    assert all(job.gate is None and job.needs == [job.name.split("/")[0] + "/tune"] for job in jobs if "/tuned/" in job.name)  # 2 of 2
 
 
-def test_scheduler_leaves_gated_jobs_out_after_what_they_wait_for_settles(tmp_path, capsys):
+def test_scheduler_asks_the_gate_once_the_needs_are_done(tmp_path, capsys):
     log = tmp_path / "order.log"
 
     def job(name, fail=False, **fields):
-        return leaderboard.Job(name, tmp_path / name, [sys.executable, "-c", STAND_IN, str(tmp_path / name), str(log), "1" if fail else "0"],
-                               **fields)
+        return scheduler.Job(name, tmp_path / name, [sys.executable, "-c", STAND_IN, str(tmp_path / name), str(log), "1" if fail else "0"],
+                             **fields)
 
-    seen = []
-    jobs = [job("search-a"), job("search-b", fail=True),
-            job("tuned-a", needs=["search-a"], after=["search-a", "search-b"], gate=lambda: seen.append(log.read_text()) or None),
-            job("tuned-b", needs=["search-b"], after=["search-a", "search-b"], gate=lambda: "not among the top 1"),
-            job("tuned-c", after=["search-a", "search-b"], gate=lambda: "not among the top 1")]
-    failed, ran = leaderboard.execute(jobs, leaderboard.BUDGETS["cpu"], parallel=2)
-    assert sorted(failed) == ["search-b", "tuned-b"] and ran == 2  # a failed search blocks its own tuned run only
-    assert "end search-a" in seen[0] and "end search-b" in seen[0]  # judged once both searches settled
+    asked = []
+    jobs = [job("search-a"), job("tuned-a", needs=["search-a", "search-b"], gate=lambda: asked.append(log.read_text()) or None),
+            job("tuned-out", needs=["search-a", "search-b"], gate=lambda: "below the 1 it moved most"),
+            job("search-b"), job("search-c", fail=True), job("tuned-c", needs=["search-c"], gate=lambda: None)]
+    failed, ran = scheduler.execute(jobs, parallel=1)
+    assert failed == ["search-c", "tuned-c"] and ran == 3  # search-a, search-b, tuned-a; tuned-out left out, not failed
+    assert asked and asked[0].endswith("end search-b\n")  # the gate saw both searches finished
+    events = log.read_text().splitlines()
+    assert "start tuned-out" not in events and "start tuned-c" not in events
+    assert events.index("end search-b") < events.index("start tuned-a")
     out = capsys.readouterr().out
-    assert "left out tuned-c: not among the top 1" in out and "start tuned-c" not in log.read_text()
+    assert "left out tuned-out: below the 1 it moved most" in out and "skipped tuned-c: it needs search-c" in out
 
 
 STAND_IN_SEARCH = ("import json, pathlib, sys\n"
@@ -204,11 +218,11 @@ def test_scheduler_retrains_a_tuned_run_only_if_its_search_moved(new_best, searc
     (search / "tune.json").write_text(json.dumps({"trials": 1, "best_params": {"temperature": 4.0}}))  # 1 of 2 trials
     tuned_run(tmp_path / "s0", temperature=4.0)
     search_code = "raise SystemExit(1)" if search_fails else STAND_IN_SEARCH
-    jobs = [leaderboard.Job("tune", search, [sys.executable, "-c", search_code, str(search), str(new_best)], trials=2),
-            leaderboard.Job("s0", tmp_path / "s0", [sys.executable, "-c", STAND_IN_TUNED, str(tmp_path / "s0"), str(search), str(log)],
+    jobs = [scheduler.Job("tune", search, [sys.executable, "-c", search_code, str(search), str(new_best)], trials=2),
+            scheduler.Job("s0", tmp_path / "s0", [sys.executable, "-c", STAND_IN_TUNED, str(tmp_path / "s0"), str(search), str(log)],
                             ["tune"], search=search)]
     assert jobs[1].done()  # before the search goes on
-    assert leaderboard.execute(jobs, leaderboard.BUDGETS["cpu"], parallel=2) == (failed, 1 + len(retrained) - len(failed))
+    assert scheduler.execute(jobs, parallel=2) == (failed, 1 + len(retrained) - len(failed))
     assert (log.read_text().split() if log.exists() else []) == retrained
     assert jobs[1].done() and "skipped s0" not in capsys.readouterr().out
 
@@ -241,11 +255,11 @@ def test_scheduler_order_parallelism_and_failures(tmp_path, capsys):
     log = tmp_path / "order.log"
 
     def job(name, needs=(), fail=False):
-        return leaderboard.Job(name, tmp_path / name, [sys.executable, "-c", STAND_IN, str(tmp_path / name), str(log), "1" if fail else "0"], list(needs))
+        return scheduler.Job(name, tmp_path / name, [sys.executable, "-c", STAND_IN, str(tmp_path / name), str(log), "1" if fail else "0"], list(needs))
 
     finished(tmp_path / "old")
     jobs = [job("old"), job("a"), job("b", ["a", "old"]), job("c"), job("bad", fail=True), job("after-bad", ["bad"]), job("d", ["b"])]
-    failed, ran = leaderboard.execute(jobs, leaderboard.BUDGETS["cpu"], parallel=2)
+    failed, ran = scheduler.execute(jobs, parallel=2)
     assert sorted(failed) == ["after-bad", "bad"] and ran == 4  # a, b, c, d; old was done; after-bad never started
     events = log.read_text().split("\n")[:-1]
     assert "start old" not in events and "start after-bad" not in events  # done before; needs a failure

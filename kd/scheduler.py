@@ -1,0 +1,115 @@
+"""The leaderboard's jobs (a training or a search, with the jobs it needs first) and the
+scheduler that runs them a few at a time, each in its own process, skipping what is done."""
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+
+@dataclass
+class Job:
+    name: str
+    out: Path
+    command: List[str]  # a training's command ends before --resume/--overwrite, which argv() adds
+    needs: List[str] = field(default_factory=list)
+    trials: Optional[int] = None  # a search: done when this many trials finished...
+    grid: Optional[Dict[str, list]] = None  # ...on this grid (None: TPE draws)
+    search: Optional[Path] = None  # a tuned run: done only if trained with its search's best point
+    gate: Optional[Callable[[], Optional[str]]] = None  # asked once its needs are done: why it is left out (None: it runs)
+
+    def done(self) -> bool:
+        if self.trials is None:
+            return (self.out / "metrics.json").is_file() and not self.outdated()
+        summary = self.out / "tune.json"
+        if not summary.is_file():
+            return False
+        searched = json.loads(summary.read_text())
+        return searched["trials"] >= self.trials and searched.get("grid") == self.grid
+
+    def outdated(self) -> bool:
+        """A tuned run, finished or interrupted, whose settings are no longer its search's best
+        point (the search went on after it, e.g. with more --trials): trained again from scratch."""
+        if self.search is None or not (self.search / "tune.json").is_file():
+            return False
+        resolved = self.out / "run_config.json"
+        if not resolved.is_file():  # nothing to compare: a finished run is redone, a fresh one started
+            return (self.out / "metrics.json").is_file()
+        config = json.loads(resolved.read_text())
+        settings = {**config["train"], **(config.get("distill") or {})}
+        best = json.loads((self.search / "tune.json").read_text())["best_params"]
+        return any(settings.get(name) != value for name, value in best.items())
+
+    def argv(self) -> List[str]:
+        if self.trials is not None:
+            return self.command
+        # an interrupted run continues from its checkpoint; anything else is started over
+        resume = (self.out / "checkpoint").exists() and not self.outdated()
+        return [*self.command, "--resume" if resume else "--overwrite"]
+
+    def status(self) -> str:
+        if self.done():
+            return "skip"
+        if self.outdated():
+            return "redo"
+        return "resume" if (self.out / "checkpoint").exists() or (self.out / "study.db").exists() else "run"
+
+
+def start(job: Job, slot: int, threads: Optional[int], gpu_per_run: bool) -> subprocess.Popen:
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    if gpu_per_run and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot)  # --parallel N on N GPUs: slot i trains on GPU i
+    job.out.parent.mkdir(parents=True, exist_ok=True)
+    log = open(f"{job.out}.log", "a")
+    return subprocess.Popen(job.argv(), stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def execute(jobs: Sequence[Job], parallel: int, threads: Optional[int] = None, gpu_per_run: bool = False) -> Tuple[List[str], int]:
+    """Run the jobs not done yet, `parallel` at a time (each with `threads` torch threads; with
+    `gpu_per_run`, slot i on GPU i), each once its needs are done; a failure skips what needs it
+    and the rest goes on. A done job whose needs are still to run waits too: a search that goes
+    on may outdate it. A job its gate leaves out is said so and not run. Returns (the names that
+    failed or were skipped, the number of jobs that ran and finished)."""
+    pending = {job.name for job in jobs if not job.done()}
+    waiting = [job for job in jobs if job.name in pending or pending & set(job.needs)]
+    running: Dict[int, tuple] = {}  # slot -> (job, process, start time)
+    failed: List[str] = []
+    finished = 0
+    while waiting or running:
+        for slot, (job, process, began) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[slot]
+            ok = process.returncode == 0 and job.done()
+            print(f"{'done' if ok else 'FAILED'} {job.name}: {time.monotonic() - began:.0f} s" + ("" if ok else f" (see {job.out}.log)"), flush=True)
+            if not ok:
+                failed.append(job.name)
+            finished += ok
+        blocked = [job for job in waiting if any(need in failed for need in job.needs)]
+        for job in blocked:
+            waiting.remove(job)
+            if job.done():  # a failed search left it as it was: still made with the best point
+                continue
+            print(f"skipped {job.name}: it needs {', '.join(need for need in job.needs if need in failed)}", flush=True)
+            failed.append(job.name)
+        unsettled = {job.name for job, _, _ in running.values()} | {job.name for job in waiting}
+        ready = [job for job in waiting if unsettled.isdisjoint(job.needs)]
+        for slot in (s for s in range(parallel) if s not in running):
+            if not ready:
+                break
+            job = ready.pop(0)
+            waiting.remove(job)
+            if job.done():  # still made with its search's best point
+                continue
+            reason = job.gate() if job.gate else None
+            if reason:
+                print(f"left out {job.name}: {reason}", flush=True)
+                continue
+            running[slot] = (job, start(job, slot, threads, gpu_per_run), time.monotonic())
+        time.sleep(0.5)
+    return failed, finished
