@@ -1,11 +1,15 @@
 """The leaderboard driver: its plan (--dry-run) over fabricated run folders, what it skips and
-resumes, new methods joining by themselves, and the scheduler on stand-in commands."""
+resumes, new methods joining by themselves, the scheduler on stand-in commands, and one whole
+driver on a tiny dataset (real trainings and searches, each in its own process)."""
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
 
+from conftest import REPO, read_json
 from kd import leaderboard, scheduler
 from kd.distillers import DISTILLERS, Distiller
 from kd.distillers.dkd import DKD
@@ -272,3 +276,34 @@ def test_scheduler_order_parallelism_and_failures(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "FAILED bad" in out and "skipped after-bad: it needs bad" in out
     assert all((tmp_path / name / "metrics.json").exists() for name in ("a", "b", "c", "d"))
+
+
+def test_the_whole_driver_on_a_tiny_dataset(tiny_dataset, tmp_path):
+    """Teacher, baseline, two methods with their defaults, both searched on their grids, tuned runs
+    for the one tuning moved most; then the same command again trains nothing."""
+    out = tmp_path / "lb"
+    command = [sys.executable, "-m", "kd.leaderboard", "run", "--dataset", str(tiny_dataset), "--out", str(out), "--budget", "cpu",
+               "--seeds", "1", "--modes", "logits", "dkd", "--tuned-top", "1", "--epochs", "1", "--batch-size", "32", "--val-size", "32"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    gains = {name: read_json(out / "tune" / name / "tune.json")["best_val_f1_macro"]
+             - read_json(out / "runs" / name / "default" / "s0" / "metrics.json")["val"]["f1_macro"] for name in ("logits", "dkd")}
+    kept = {name for name in gains if gains[name] == max(gains.values())}
+    assert {name for name in gains if (out / "runs" / name / "tuned" / "s1" / "metrics.json").is_file()} == kept
+    for name in set(gains) - kept:
+        assert f"left out {name}/tuned/s1: tuning moved its validation F1 {gains[name]:+.4f}" in first.stdout
+    for name in kept:
+        summary, tuned = read_json(out / "tune" / name / "tune.json"), read_json(out / "runs" / name / "tuned" / "s1" / "run_config.json")
+        assert summary["trials"] == 3 and summary["grid"] == {key: list(values) for key, values in DISTILLERS[name].search_grid.items()}
+        assert all(tuned["distill"][key] == value for key, value in summary["best_params"].items())
+        assert tuned["train"]["seed"] == 1 and "tuned" in tuned["run"]["tags"]  # not the search's seed
+    board = (out / "leaderboard.md").read_text()
+    assert all(f"| distill {name} (cifar_resnet8) |" in board for name in gains) and "| student (cifar_resnet8) |" in board
+    assert all(f"| distill {name} (cifar_resnet8) tuned |" in board for name in kept)
+    assert all(f"| {gains[name]:+.4f} |" in board for name in gains)  # the searches table's gain column
+    assert "\nCompute: " in board and " runs and 6 search trials, " in board  # teacher, student, 2 defaults, tuned; 2 x 3 points
+    again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "driver: 0 jobs finished, 0 failed or skipped" in again.stdout
+    assert [line for line in again.stdout.splitlines() if line.startswith("plan: ")][0].startswith("plan: 0 to run, 0 to resume")
