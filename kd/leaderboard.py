@@ -126,13 +126,13 @@ def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int,
         jobs.append(Job(f"{name}/tune", search, searching, needs, trials=count, grid=grid))
         # the command line overrides --config: a searched setting among the extra flags would undo the search
         tuned_common = ["--dataset", dataset, "--report-to", "none", *without_flags(extra, methods()[mode].search_space)]
+        folders = [runs / name / "tuned" / f"s{seed}" for seed in tuned_seeds(seeds)]
         ranks = name in ranked and gated
-        gate = functools.partial(left_out, out, name, ranked, tuned_top) if ranks else None
-        for seed in tuned_seeds(seeds):
-            folder = runs / name / "tuned" / f"s{seed}"
-            flags = [*tuned_common, "--config", str(search / "best.yaml"), *method, "--seed", str(seed), "--tags", "tuned"]
-            tuned_needs = list(dict.fromkeys([f"{name}/tune", *(verdict if ranks else [])]))
-            jobs.append(Job(f"{name}/tuned/s{seed}", folder, training(script, folder, flags), tuned_needs, search=search, gate=gate))
+        gate = functools.partial(left_out, out, name, ranked, tuned_top, folders) if ranks else None
+        for folder in folders:
+            flags = [*tuned_common, "--config", str(search / "best.yaml"), *method, "--seed", folder.name[1:], "--tags", "tuned"]
+            jobs.append(Job(f"{name}/tuned/{folder.name}", folder, training(script, folder, flags), [f"{name}/tune"], search=search,
+                            after=verdict if ranks else [], gate=gate))
     return jobs
 
 
@@ -145,20 +145,25 @@ def gain(out: Path, name: str) -> Optional[float]:
     return json.loads(summary.read_text())["best_val_f1_macro"] - json.loads(default.read_text())["val"]["f1_macro"]
 
 
-def left_out(out: Path, name: str, ranked: Sequence[str], top: int) -> Optional[str]:
-    """Why method `name`'s tuned runs are left out under --tuned-top `top` (None: they run),
-    asked once every method in `ranked` has its search and its default run on the search's seed:
-    its gain is below the top-th largest (ties at the cut all run). A method with tuned runs on
-    disk keeps its row, completed and kept current: no row is left partial or stale."""
-    if any(folder.is_dir() for folder in (out / "runs" / name / "tuned").glob("s*")):
+def left_out(out: Path, name: str, ranked: Sequence[str], top: int, folders: Sequence[Path]) -> Optional[str]:
+    """Why method `name`'s tuned runs (`folders`) are left out under --tuned-top `top` (None:
+    they run), asked once every method in `ranked` has its search and its default run on the
+    search's seed, finished or failed. Gains are compared as shown, to 4 decimals: ties at the cut
+    all run, and a method with no gain (one of the two failed) takes no place. A method whose
+    tuned runs are begun keeps its row, completed and kept current: none is left partial or stale."""
+    if any((folder / "run_config.json").is_file() for folder in folders):
         return None
     gains = {method: gain(out, method) for method in ranked}
+    gains = {method: None if value is None else round(value, 4) for method, value in gains.items()}
+    if gains[name] is None:
+        return f"no gain to rank: its search or its default run on seed {SEARCH_SEED} did not finish"
     known = sorted((value for value in gains.values() if value is not None), reverse=True)
-    if len(known) <= top or (gains[name] is not None and gains[name] >= known[top - 1]):
+    cut = known[min(top, len(known)) - 1]
+    if gains[name] >= cut:
         return None
-    leaders = sorted((method for method in ranked if gains[method] is not None and gains[method] >= known[top - 1]), key=gains.get, reverse=True)
-    shown = "n/a" if gains[name] is None else f"{gains[name]:+.4f}"
-    return f"tuning moved its validation F1 {shown}, below the {top} it moved most ({', '.join(f'{m} {gains[m]:+.4f}' for m in leaders)})"
+    leaders = sorted((method for method in ranked if gains[method] is not None and gains[method] >= cut), key=gains.get, reverse=True)
+    return (f"tuning moved its validation F1 {gains[name]:+.4f}, below the {top} it moved most "
+            f"({', '.join(f'{method} {gains[method]:+.4f}' for method in leaders)})")
 
 
 def tuned_seeds(seeds: int) -> range:
@@ -184,7 +189,7 @@ def foreign_runs(out: Path) -> List[Path]:
 def print_plan(jobs: Sequence[Job]) -> None:
     statuses = [job.status() for job in jobs]  # each reads the job's folder: once
     settled = {job.name for job, status in zip(jobs, statuses) if status == "skip"}
-    statuses = ["out" if status != "skip" and job.gate and settled.issuperset(job.needs) and job.gate() else status
+    statuses = ["out" if status != "skip" and job.gate and settled.issuperset(job.needs + job.after) and job.gate() else status
                 for job, status in zip(jobs, statuses)]
     for job, status in zip(jobs, statuses):
         print(f"{status:6s} {job.name:28s} {' '.join(job.argv()[1:])}")

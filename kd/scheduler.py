@@ -19,7 +19,8 @@ class Job:
     trials: Optional[int] = None  # a search: done when this many trials finished...
     grid: Optional[Dict[str, list]] = None  # ...on this grid (None: TPE draws)
     search: Optional[Path] = None  # a tuned run: done only if trained with its search's best point
-    gate: Optional[Callable[[], Optional[str]]] = None  # asked once its needs are done: why it is left out (None: it runs)
+    after: List[str] = field(default_factory=list)  # jobs to wait for, whether they finish or fail
+    gate: Optional[Callable[[], Optional[str]]] = None  # asked once needs and after settled: why it is left out (None: it runs)
 
     def done(self) -> bool:
         if self.trials is None:
@@ -73,7 +74,8 @@ def execute(jobs: Sequence[Job], parallel: int, threads: Optional[int] = None, g
     """Run the jobs not done yet, `parallel` at a time (each with `threads` torch threads; with
     `gpu_per_run`, slot i on GPU i), each once its needs are done; a failure skips what needs it
     and the rest goes on. A done job whose needs are still to run waits too: a search that goes
-    on may outdate it. A job its gate leaves out is said so and not run. Returns (the names that
+    on may outdate it. A job with a gate is judged once its needs and `after` have settled; one
+    it leaves out is said so and not run. Returns (the names that
     failed or were skipped, the number of jobs that ran and finished)."""
     pending = {job.name for job in jobs if not job.done()}
     waiting = [job for job in jobs if job.name in pending or pending & set(job.needs)]
@@ -98,7 +100,7 @@ def execute(jobs: Sequence[Job], parallel: int, threads: Optional[int] = None, g
             print(f"skipped {job.name}: it needs {', '.join(need for need in job.needs if need in failed)}", flush=True)
             failed.append(job.name)
         unsettled = {job.name for job, _, _ in running.values()} | {job.name for job in waiting}
-        ready = [job for job in waiting if unsettled.isdisjoint(job.needs)]
+        ready = [job for job in waiting if unsettled.isdisjoint(job.needs) and unsettled.isdisjoint(job.after)]
         for slot in (s for s in range(parallel) if s not in running):
             if not ready:
                 break
