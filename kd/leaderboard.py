@@ -129,9 +129,9 @@ def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int,
         folders = [runs / name / "tuned" / f"s{seed}" for seed in tuned_seeds(seeds)]
         ranks = name in ranked and gated
         gate = functools.partial(left_out, out, name, ranked, tuned_top, folders) if ranks else None
-        for folder in folders:
-            flags = [*tuned_common, "--config", str(search / "best.yaml"), *method, "--seed", folder.name[1:], "--tags", "tuned"]
-            jobs.append(Job(f"{name}/tuned/{folder.name}", folder, training(script, folder, flags), [f"{name}/tune"], search=search,
+        for seed, folder in zip(tuned_seeds(seeds), folders):
+            flags = [*tuned_common, "--config", str(search / "best.yaml"), *method, "--seed", str(seed), "--tags", "tuned"]
+            jobs.append(Job(f"{name}/tuned/s{seed}", folder, training(script, folder, flags), [f"{name}/tune"], search=search,
                             after=verdict if ranks else [], gate=gate))
     return jobs
 
@@ -154,7 +154,7 @@ def left_out(out: Path, name: str, ranked: Sequence[str], top: int, folders: Seq
     if any((folder / "run_config.json").is_file() for folder in folders):
         return None
     gains = {method: gain(out, method) for method in ranked}
-    gains = {method: None if value is None else round(value, 4) for method, value in gains.items()}
+    gains = {method: None if value is None else round(value, 4) for method, value in gains.items()}  # compared as shown
     if gains[name] is None:
         return f"no gain to rank: its search or its default run on seed {SEARCH_SEED} did not finish"
     known = sorted((value for value in gains.values() if value is not None), reverse=True)
