@@ -5,14 +5,19 @@ distillation method with its paper defaults and tuned on validation (kd.tune), o
         [--modes ...] [--dry-run]
 
 Flags it does not know go to every training and search (e.g. --epochs 1 for a smoke test).
-Finished runs (metrics.json) are skipped, interrupted ones resumed (--resume), searches
+Beside each seed of the student baseline, scripts/plain_loop.py trains the same model at the
+same budget (DIR/plain/sSEED), so that the leaderboard shows our loop against a plain PyTorch
+loop. Finished runs (metrics.json) are skipped, interrupted ones resumed (--resume), searches
 continued, and a tuned run no longer trained with its search's best point redone; P
 trainings run at a time. At the end, DIR/leaderboard.md and .png
 (`python -m kd.report DIR/runs --leaderboard`), then a table of the searches and their trials,
-then the compute behind the folders (epochs' wall time summed over runs and trials)."""
+then the plain-loop comparison, then the compute behind the folders (epochs' wall time summed
+over runs and trials)."""
 
 import argparse
+import contextlib
 import functools
+import io
 import json
 import sys
 import time
@@ -20,7 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from kd import config
+from kd.cli import ROLES
 from kd.config import Parser
+from kd.device import choose_precision
 from kd.distillers import DISTILLERS
 from kd.engine import format_duration
 from kd.errors import RunError, UsageError, main_guard
@@ -29,6 +37,9 @@ from kd.scheduler import Job, execute
 from kd.tune import SUPERVISED, declared_grid, grid_points, grid_specs, methods
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
+PLAIN_LOOP = Path(__file__).resolve().parents[1] / "scripts" / "plain_loop.py"
+# the student budget's settings the plain loop takes as flags; the others must be kd's defaults
+PLAIN_FIELDS = ("model", "epochs", "lr", "batch_size", "momentum", "weight_decay", "warmup_epochs", "val_size")
 # Rows that are a method plus a switch: (method, its flags). Defaults only: the method's search
 # space does not act on what the switch changes (standardised logits use --ls-* settings).
 VARIANTS = {"logits-ls": ("logits", ["--logit-standardization"])}
@@ -86,11 +97,33 @@ def search_budget(mode: str, trials: Union[int, str]) -> Optional[Tuple[List[str
     return (["--grid", *grid_specs(grid)], len(grid_points(grid)), grid) if grid else None
 
 
+def plain_loop_flags(budget: Budget, dataset: str, extra: Sequence[str]) -> Tuple[Optional[List[str]], str]:
+    """scripts/plain_loop.py's flags at the student budget as the baseline's runs resolve it
+    (preset, then `extra`; the precision kd picks on this machine), or None and why it cannot
+    train at that budget."""
+    if not any((Path(dataset) / "plain_text").glob("train-*.parquet")):
+        return None, f"it reads a local folder in the Hub's layout (plain_text/train-*.parquet), and {dataset} is not one"
+    student, refused = config.build_parser("train_student.py", "", ROLES["student"]), io.StringIO()
+    try:
+        with contextlib.redirect_stderr(refused):
+            cfg, _, run = config.parse(student, ["--config", str(PRESETS / budget.student), "--dataset", dataset, *extra])
+    except (SystemExit, UsageError) as error:  # the baseline's runs will refuse them too, each in its log
+        return None, f"train_student.py refuses the flags ({refused.getvalue().strip() or error})"
+    unequal = [name for name, value in (("label_smoothing", cfg.label_smoothing), ("grad_accum", cfg.grad_accum - 1),
+                                        ("max_train_samples", cfg.max_train_samples), ("max_eval_samples", cfg.max_eval_samples)) if value]
+    if unequal:
+        return None, f"the student budget sets {', '.join(unequal)}, which the plain loop does not do"
+    precision = choose_precision(run.mixed_precision, warn=lambda line: None, launcher_argv=None, script="train_student.py")
+    flags = [part for name in PLAIN_FIELDS for part in ("--" + name.replace("_", "-"), str(getattr(cfg, name)))]
+    return [*flags, "--precision", precision.label], ""
+
+
 def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int, str], modes: Sequence[str],
-         extra: Sequence[str], tuned_top: Optional[int] = None) -> List[Job]:
+         extra: Sequence[str], tuned_top: Optional[int] = None, plain: Optional[Sequence[str]] = None) -> List[Job]:
     """Every run of the leaderboard, each with the runs it needs first, in the order they start:
     the teacher, then every row's default run seed by seed (so that each row has n = 2, enough
-    for an interval, before any has n = 3), then each method's search and its tuned runs (on
+    for an interval, before any has n = 3; the plain loop with its `plain` flags after each of
+    the baseline's), then each method's search and its tuned runs (on
     tuned_seeds: not the search's seed; with `tuned_top`, for the methods it moved most)."""
     runs, searches = out / "runs", out / "tune"
     common = ["--dataset", dataset, "--report-to", "none", *extra]
@@ -108,6 +141,9 @@ def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int,
         for name, (script, needs, method) in rows.items():
             folder = runs / name / "default" / f"s{seed}"
             jobs.append(Job(f"{name}/default/s{seed}", folder, training(script, folder, [*student, *method, "--seed", str(seed)]), needs))
+            if name == "student" and plain is not None:
+                folder = out / "plain" / f"s{seed}"
+                jobs.append(Job(f"plain/s{seed}", folder, [sys.executable, str(PLAIN_LOOP), dataset, *plain, "--seed", str(seed), "--output-dir", str(folder)]))
     searched = {}  # name -> kd.tune's budget flags, trial count and grid, for each row with a search
     for name in rows:
         mode = SUPERVISED if name == "student" else name
@@ -255,10 +291,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise UsageError("the leaderboard reads every run's test split: drop --no-test-eval (its searches' trials skip it by themselves)")
     out = Path(args.out)
     tuned_top = getattr(args, "tuned_top", budget.tuned_top)
-    jobs = plan(out, budget, args.dataset, args.seeds, trials, modes, extra, tuned_top)
+    plain, why_not = plain_loop_flags(budget, args.dataset, extra)
+    jobs = plan(out, budget, args.dataset, args.seeds, trials, modes, extra, tuned_top, plain)
     for mode in modes:
         if trials == "grid" and mode not in VARIANTS and not declared_grid(mode):
             print(f"note: {mode} declares no search_grid (kd/distillers/): defaults only under --trials grid", flush=True)
+    if plain is None:
+        print(f"note: no plain-loop comparison: {why_not}", flush=True)
     foreign = foreign_runs(out)
     if foreign:
         print(f"note: the leaderboard counts every run under {out / 'runs'}, and no plan holds "
@@ -278,8 +317,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 def write_leaderboard(out: Path, tuned: Sequence[str], searched_only: bool = False, parallel: int = 1) -> None:
     """DIR/leaderboard.md and .png from the finished runs, then the searches of the `tuned`
     methods (their trial counts; `searched_only`: only those with a search, for --trials 0), then
-    the compute behind it all (runs `parallel` at a time); a note instead when there is no
-    baseline yet."""
+    the plain loop against the student's default runs, then the compute behind it all (runs
+    `parallel` at a time); a note instead when there is no baseline yet."""
     from kd import ranking, report
 
     board = out / "leaderboard.md"
@@ -296,8 +335,15 @@ def write_leaderboard(out: Path, tuned: Sequence[str], searched_only: bool = Fal
                                               for name, path in summaries.items()}, {name: gain(out, name) for name in summaries})
         print("\n" + searches, end="")
         write_text_atomic(board, board.read_text() + "\n" + searches)
+    ours = sorted((out / "runs" / "student" / "default").glob("s*/metrics.json"))
+    plain = sorted((out / "plain").glob("s*/metrics.json"))
+    if ours and plain:
+        comparison = ranking.plain_loop_markdown([json.loads(path.read_text()) for path in ours], [json.loads(path.read_text()) for path in plain])
+        print("\n" + comparison, end="")
+        write_text_atomic(board, board.read_text() + "\n" + comparison)
     compute = ranking.compute_markdown([path.parent for path in (out / "runs").glob("**/history.jsonl")],
-                                       [path.parent for path in (out / "tune").glob("*/trials/*/history.jsonl")], parallel)
+                                       [path.parent for path in (out / "tune").glob("*/trials/*/history.jsonl")], parallel,
+                                       [path.parent for path in (out / "plain").glob("s*/history.jsonl")])
     print("\n" + compute, end="")
     write_text_atomic(board, board.read_text() + "\n" + compute)
 

@@ -165,15 +165,41 @@ def searches_markdown(searches: Dict[str, Optional[Dict]], gains: Optional[Dict[
     return "\n".join(lines) + "\n"
 
 
-def compute_markdown(runs: Sequence[Path], trials: Sequence[Path], parallel: int) -> str:
+def plain_loop_markdown(ours: Sequence[Dict], plain: Sequence[Dict]) -> str:
+    """Our loop against scripts/plain_loop.py at the same budget: the default student's runs'
+    metrics.json (`ours`) and the plain loop's (`plain`), their test accuracy and macro F1 over
+    seeds, and plain minus ours with its 95% Welch interval."""
+    settings = [run["settings"] for run in plain]
+    budget = "; ".join(dict.fromkeys(f"{s['model']}, {s['epochs']} epochs, batch {s['batch_size']}, lr {_fmt_value(s['lr'])}, "
+                                      f"{s['precision']}" for s in settings))
+    lines = [f"Our loop against a plain PyTorch loop at equal budget (`scripts/plain_loop.py`, written apart from kd's data and "
+             f"loop: {budget}; kd keeps the epoch with the best validation F1, the plain loop its last):", "",
+             "| loop | n | accuracy | F1 macro |", "|:--|--:|--:|--:|"]
+    values = {}
+    for label, runs in (("kd (`train_student.py`, the student row)", ours), ("plain PyTorch (`scripts/plain_loop.py`)", plain)):
+        values[label] = {key: [run["test"][key] for run in runs] for key, _ in COMPARED}
+        cells = [_cell(statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None) for v in values[label].values()]
+        lines.append(f"| {label} | {len(runs)} | {' | '.join(cells)} |")
+    kd_values, plain_values = values.values()
+    differences = [stats.welch_interval(plain_values[key], kd_values[key]) for key, _ in COMPARED]
+    lines.append("| plain − kd [95% CI] | | " + " | ".join("n/a (n < 2)" if d is None else f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
+                                                          for d in differences) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compute_markdown(runs: Sequence[Path], trials: Sequence[Path], parallel: int, plain: Sequence[Path] = ()) -> str:
     """What the leaderboard's folders cost, however many invocations made them: the epochs' wall
-    time summed over the run folders and the searches' trial folders present (a run started over
-    keeps only its last attempt's), and that sum over `parallel`, a rough driver wall time."""
+    time summed over the run folders, the plain loop's and the searches' trial folders present (a
+    run started over keeps only its last attempt's), and that sum over `parallel`, a rough driver
+    wall time."""
     run_times = [t for t in map(wall_time_s, runs) if t is not None]
+    plain_times = [t for t in map(wall_time_s, plain) if t is not None]
     trial_times = [t for t in map(wall_time_s, trials) if t is not None]
-    total = sum(run_times) + sum(trial_times)
-    return (f"Compute: {len(run_times)} runs and {len(trial_times)} search trial{'s' * (len(trial_times) != 1)}, "
-            f"{format_duration(total)} of epochs' wall time summed (runs {format_duration(sum(run_times))}, "
+    total = sum(run_times) + sum(plain_times) + sum(trial_times)
+    plain_part = f", {len(plain_times)} plain-loop run{'s' * (len(plain_times) != 1)}" if plain_times else ""
+    plain_time = f", plain loop {format_duration(sum(plain_times))}" if plain_times else ""
+    return (f"Compute: {len(run_times)} runs{plain_part} and {len(trial_times)} search trial{'s' * (len(trial_times) != 1)}, "
+            f"{format_duration(total)} of epochs' wall time summed (runs {format_duration(sum(run_times))}{plain_time}, "
             f"trials {format_duration(sum(trial_times))}); with {parallel} at a time, "
             f"about {format_duration(total / parallel)} of driver wall time.\n")
 

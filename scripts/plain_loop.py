@@ -7,12 +7,17 @@ our loop matches it at an equal budget (the same model, epochs, batch, lr, recip
 Recipe, as in kd's docs: random 32x32 crop of the 4-pixel zero-padded image and horizontal flip,
 normalised by the training set's per-channel mean/std; SGD with Nesterov momentum 0.9, weight
 decay 5e-4 on conv/linear weights only; linear warm-up for 1 epoch, then cosine decay per step;
-a stratified validation split of 5000 training images (this script's own draw). fp32, or bf16
-autocast around the forward and the loss with --bf16 (what kd picks where bf16 is native).
-Prints validation and test accuracy after the last epoch."""
+a stratified validation split of 5000 training images (this script's own draw). fp32, or
+autocast around the forward and the loss with --precision bf16 (what kd picks where bf16 is
+native) or fp16 (with loss scaling; CUDA only). On the GPU when there is one.
+Prints validation and test accuracy after the last epoch; with --output-dir, writes there
+metrics.json (validation and test accuracy and macro F1, the settings, the precision) and
+history.jsonl (one line per epoch), which is how `python -m kd.leaderboard` runs it beside the
+student baseline. It keeps no checkpoint: an interrupted run starts over."""
 
 import argparse
 import io
+import json
 import math
 import sys
 import time
@@ -50,47 +55,75 @@ def crop_flip(batch: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(batch)
     for i, (dy, dx) in enumerate(torch.randint(0, 9, (len(batch), 2)).tolist()):
         out[i] = padded[i, :, dy:dy + 32, dx:dx + 32]
-    flip = torch.rand(len(batch)) < 0.5
+    flip = torch.rand(len(batch), device=batch.device) < 0.5
     out[flip] = out[flip].flip(3)
     return out
 
 
 @torch.no_grad()
-def accuracy(model, images, labels, mean, std, batch=1000) -> float:
+def predict(model, images, mean, std, autocast, batch=1000) -> torch.Tensor:
     model.eval()
-    correct = sum((model((images[i:i + batch].float() / 255 - mean) / std).argmax(1) == labels[i:i + batch]).sum().item()
-                  for i in range(0, len(labels), batch))
-    return correct / len(labels)
+    with autocast():
+        return torch.cat([model((images[i:i + batch].float() / 255 - mean) / std).argmax(1) for i in range(0, len(images), batch)])
 
 
-def main():
+def scores(predicted: torch.Tensor, labels: torch.Tensor, classes: int) -> dict:
+    """Accuracy and macro F1 (F1 per class from its true and false positives and negatives, 0
+    for a class never predicted nor present, then the plain mean over classes)."""
+    predicted, labels = predicted.cpu(), labels.cpu()
+    hits = torch.stack([((predicted == c) & (labels == c)).sum() for c in range(classes)]).double()
+    predicted_count = torch.bincount(predicted, minlength=classes).double()
+    true_count = torch.bincount(labels, minlength=classes).double()
+    f1 = torch.where(predicted_count + true_count > 0, 2 * hits / (predicted_count + true_count), torch.zeros(classes, dtype=torch.double))
+    return {"accuracy": (predicted == labels).double().mean().item(), "f1_macro": f1.mean().item()}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dataset", type=Path)
+    parser.add_argument("dataset", type=Path, help="a local folder in the Hub's layout (plain_text/{train,test}-*.parquet)")
     parser.add_argument("--model", default="cifar_resnet8")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--warmup-epochs", type=float, default=1.0)
     parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward and the loss (default: fp32)")
-    args = parser.parse_args()
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="autocast around the forward and the loss (fp16: with loss scaling, CUDA only)")
+    parser.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="the same as --precision bf16")
+    parser.add_argument("--output-dir", type=Path, help="write metrics.json and history.jsonl there")
+    parser.add_argument("--overwrite", action="store_true", help="accepted for the leaderboard's scheduler: the run always starts over")
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.precision == "fp16" and device.type != "cuda":
+        sys.exit("plain_loop.py: --precision fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
+    scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
     torch.manual_seed(args.seed)
     train_images, train_labels = read_split(args.dataset, "train")
     test_images, test_labels = read_split(args.dataset, "test")
+    classes = int(train_labels.max()) + 1
     train_index, val_index = hold_out(train_labels, args.val_size)
     (val_images, val_labels), (train_images, train_labels) = (train_images[val_index], train_labels[val_index]), (train_images[train_index], train_labels[train_index])
+    train_images, val_images, test_images = train_images.to(device), val_images.to(device), test_images.to(device)
     pixels = train_images.float() / 255
     mean, std = pixels.mean((0, 2, 3)).view(1, 3, 1, 1), pixels.std((0, 2, 3)).view(1, 3, 1, 1)
     del pixels
-    model = timm.create_model(args.model, num_classes=int(train_labels.max()) + 1)
+    model = timm.create_model(args.model, num_classes=classes).to(device)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                lr=args.lr, momentum=0.9, nesterov=True)
+                                lr=args.lr, momentum=args.momentum, nesterov=True)
     steps_per_epoch = len(train_labels) // args.batch_size  # whole batches only, as kd does
-    total, warmup, step = args.epochs * steps_per_epoch, steps_per_epoch, 0
+    total, warmup, step = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch), 0
+    history = []
     for epoch in range(args.epochs):
         model.train()
         start, order = time.perf_counter(), torch.randperm(len(train_labels))
@@ -99,18 +132,30 @@ def main():
             lr = args.lr * (step + 1) / warmup if step < warmup else args.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images = (crop_flip(train_images[index]).float() / 255 - mean) / std
+            images = (crop_flip(train_images[index.to(device)]).float() / 255 - mean) / std
             with autocast():
-                loss = F.cross_entropy(model(images).float(), train_labels[index])
+                loss = F.cross_entropy(model(images).float(), train_labels[index].to(device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
-        val = accuracy(model, val_images, val_labels, mean, std)
-        print(f"epoch {epoch + 1}: loss {loss.item():.4f} val_acc {val:.4f} {steps_per_epoch * args.batch_size / (time.perf_counter() - start):.0f} img/s", flush=True)
-    print(f"plain loop {args.model} {args.epochs} epochs {'bf16' if args.bf16 else 'fp32'}: val accuracy {accuracy(model, val_images, val_labels, mean, std):.4f} "
-          f"test accuracy {accuracy(model, test_images, test_labels, mean, std):.4f}")
-
+        val = scores(predict(model, val_images, mean, std, autocast), val_labels, classes) if len(val_labels) else {"accuracy": float("nan")}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        history.append({"epoch": epoch + 1, "loss": loss.item(), "val_accuracy": val["accuracy"], "epoch_time_s": seconds})
+        print(f"epoch {epoch + 1}: loss {loss.item():.4f} val_acc {val['accuracy']:.4f} {steps_per_epoch * args.batch_size / seconds:.0f} img/s", flush=True)
+    test = scores(predict(model, test_images, mean, std, autocast), test_labels, classes)
+    print(f"plain loop {args.model} {args.epochs} epochs {args.precision}: val accuracy {val['accuracy']:.4f} "
+          f"test accuracy {test['accuracy']:.4f} test F1 macro {test['f1_macro']:.4f}")
+    if args.output_dir:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        (args.output_dir / "history.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
+        settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if key not in ("output_dir", "overwrite")}
+        metrics = {"val": val, "test": test, "kept": "the last epoch", "settings": settings, "device": device.type,
+                   "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+        (args.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")  # last: its presence means done
 
 if __name__ == "__main__":
     main()

@@ -132,7 +132,7 @@ def test_tuned_rows_never_hold_the_trial_the_search_picked(tmp_path, capsys):
         finished(root / "runs" / kept)
     for flags in (["--trials", "3", "--modes", "logits"], ["--trials", "0", "--seeds", "1"]):
         leaderboard.main(["run", "--dataset", "d", "--out", str(root), "--budget", "cpu", "--dry-run", "--seeds", "3", *flags])
-        notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+        notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:") and "plain-loop" not in line]
         assert notes == [f"note: the leaderboard counts every run under {root / 'runs'}, and no plan holds dkd/tuned/old/s1, "
                          "dkd/tuned/s0, logits/best/s1, logits/default/seed1, logits/tuned/s0, stray: move it out of there to leave it out"]
 
@@ -252,6 +252,29 @@ def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+def test_the_plain_loop_trains_beside_each_baseline_seed_at_the_student_budget(tiny_dataset, tmp_path, capsys):
+    flags = ["--seeds", "2", "--trials", "0", "--modes", "logits", "--epochs", "3", "--lr", "0.2", "--mixed-precision", "bf16"]
+    leaderboard.main(["run", "--dataset", str(tiny_dataset), "--out", str(tmp_path / "lb"), "--budget", "cpu", "--dry-run", *flags])
+    plan = [line.split(maxsplit=2) for line in capsys.readouterr().out.splitlines() if not line.startswith(("plan:", "note:"))]
+    assert [name for _, name, _ in plan] == ["teacher", "student/default/s0", "plain/s0", "logits/default/s0",
+                                             "student/default/s1", "plain/s1", "logits/default/s1"]
+    plain = plan[5][2]
+    assert plain == (f"{REPO / 'scripts' / 'plain_loop.py'} {tiny_dataset} --model cifar_resnet8 --epochs 3 --lr 0.2 --batch-size 256 "
+                     f"--momentum 0.9 --weight-decay 0.0005 --warmup-epochs 1.0 --val-size 5000 --precision bf16 --seed 1 "
+                     f"--output-dir {tmp_path / 'lb' / 'plain' / 's1'} --overwrite")  # the preset, then the flags, as the baseline's runs
+
+
+@pytest.mark.parametrize("dataset, flags, why", [
+    ("uoft-cs/cifar10", [], "it reads a local folder in the Hub's layout (plain_text/train-*.parquet), and uoft-cs/cifar10 is not one"),
+    (None, ["--temperature", "2"], "train_student.py refuses the flags (error: unrecognized arguments: --temperature 2 (see train_student.py --help))"),
+    (None, ["--max-train-samples", "64", "--label-smoothing", "0.1"], "the student budget sets label_smoothing, max_train_samples, which the plain loop does not do"),
+])
+def test_no_plain_loop_where_it_cannot_train_at_the_student_budget(dataset, flags, why, tiny_dataset, tmp_path, capsys):
+    leaderboard.main(["run", "--dataset", dataset or str(tiny_dataset), "--out", str(tmp_path / "lb"), "--budget", "cpu", "--dry-run", *flags])
+    out = capsys.readouterr().out
+    assert f"note: no plain-loop comparison: {why}\n" in out and " plain/s" not in out
+
+
 STAND_IN = ("import pathlib, sys, time\n"
             "out, log, fail = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3] == '1'\n"
             "open(log, 'a').write(f'start {out.name}\\n'); time.sleep(0.3)\n"
@@ -307,8 +330,12 @@ def test_the_whole_driver_on_a_tiny_dataset(tiny_dataset, tmp_path):
     assert all(f"| distill {name} (cifar_resnet8) |" in board for name in gains) and "| student (cifar_resnet8) |" in board
     assert all(f"| distill {name} (cifar_resnet8) tuned |" in board for name in kept)
     assert all(f"| {gains[name]:+.4f} |" in board for name in gains)  # the searches table's gain column
-    assert "\nCompute: 5 runs and 6 search trials, " in board  # teacher, student, 2 defaults, 1 tuned; 2 x 3 grid points
+    plain = read_json(out / "plain" / "s0" / "metrics.json")
+    assert plain["settings"]["epochs"] == 1 and plain["settings"]["batch_size"] == 32 and plain["settings"]["val_size"] == 32
+    assert f"| plain PyTorch (`scripts/plain_loop.py`) | 1 | {plain['test']['accuracy']:.4f} | {plain['test']['f1_macro']:.4f} |" in board
+    # teacher, student, 2 defaults, 1 tuned; the plain loop beside the student; 2 x 3 grid points
+    assert "\nCompute: 5 runs, 1 plain-loop run and 6 search trials, " in board
     again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "driver: 0 jobs finished, 0 failed or skipped" in again.stdout
-    assert [line for line in again.stdout.splitlines() if line.startswith("plan: ")] == ["plan: 0 to run, 0 to resume, 7 done, 1 left out (--tuned-top)"]
+    assert [line for line in again.stdout.splitlines() if line.startswith("plan: ")] == ["plan: 0 to run, 0 to resume, 8 done, 1 left out (--tuned-top)"]

@@ -123,3 +123,17 @@ def test_driver_appends_the_searches_with_their_trial_counts(board_root, tmp_pat
     # the trial 2 x 50: 2110 s, over 2 slots 1055 s
     assert markdown.endswith("\nCompute: 8 runs and 1 search trial, 35m10s of epochs' wall time summed (runs 33m30s, trials 1m40s); "
                              "with 2 at a time, about 17m35s of driver wall time.\n")
+
+
+def test_plain_loop_against_ours_with_the_welch_interval():
+    # the hand-computed case above: plain - ours = -0.06, half width 0.0453390 (accuracy); F1 equal on both sides
+    settings = {"model": "cifar_resnet8", "epochs": 10, "batch_size": 256, "lr": 0.4, "precision": "fp32"}
+    ours = [{"test": {"accuracy": a, "f1_macro": 0.7}} for a in (0.76, 0.78, 0.80)]
+    plain = [{"test": {"accuracy": a, "f1_macro": 0.7}, "settings": settings} for a in (0.70, 0.72, 0.74)]
+    lines = ranking.plain_loop_markdown(ours, plain).splitlines()
+    assert "(`scripts/plain_loop.py`, written apart from kd's data and loop: cifar_resnet8, 10 epochs, batch 256, lr 0.4, fp32;" in lines[0]
+    assert lines[4:] == ["| kd (`train_student.py`, the student row) | 3 | 0.7800 ± 0.0200 | 0.7000 ± 0.0000 |",
+                         "| plain PyTorch (`scripts/plain_loop.py`) | 3 | 0.7200 ± 0.0200 | 0.7000 ± 0.0000 |",
+                         "| plain − kd [95% CI] | | -0.0600 [-0.1053, -0.0147] | +0.0000 [+0.0000, +0.0000] |"]
+    one = ranking.plain_loop_markdown(ours, plain[:1]).splitlines()
+    assert one[5] == "| plain PyTorch (`scripts/plain_loop.py`) | 1 | 0.7000 | 0.7000 |" and one[6].endswith("| n/a (n < 2) | n/a (n < 2) |")
