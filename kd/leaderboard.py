@@ -229,10 +229,11 @@ def print_plan(jobs: Sequence[Job]) -> None:
                 for job, status in zip(jobs, statuses)]
     for job, status in zip(jobs, statuses):
         print(f"{status:6s} {job.name:28s} {' '.join(job.argv()[1:])}")
-    counts = {status: statuses.count(status) for status in ("run", "resume", "redo", "skip", "out")}
+    counts = {status: statuses.count(status) for status in ("run", "resume", "redo", "skip", "out", "busy")}
     redo = f", {counts['redo']} to redo (their search's best point changed)" if counts["redo"] else ""
     out = f", {counts['out']} left out (--tuned-top)" if counts["out"] else ""
-    print(f"plan: {counts['run']} to run, {counts['resume']} to resume{redo}, {counts['skip']} done{out}")
+    busy = f", {counts['busy']} busy (another process trains them; waited for)" if counts["busy"] else ""
+    print(f"plan: {counts['run']} to run, {counts['resume']} to resume{redo}, {counts['skip']} done{out}{busy}")
 
 
 def all_modes() -> List[str]:
@@ -272,7 +273,7 @@ def build_parser() -> Parser:
                           "their default run on the search's seed; the student's always (default: the budget's: cpu 3, gpu all)")
     run.add_argument("--modes", nargs="+", help=f"methods (default: all: {' '.join(all_modes())}; variants are run with defaults only)")
     run.add_argument("--parallel", type=int, help="trainings at a time (default: the budget's)")
-    run.add_argument("--dry-run", action="store_true", help="print the plan (run / resume / redo / skip / out per run) and stop")
+    run.add_argument("--dry-run", action="store_true", help="print the plan (run / resume / redo / skip / out / busy per run) and stop")
     return parser
 
 

@@ -1,5 +1,8 @@
 """The leaderboard's jobs (a training or a search, with the jobs it needs first) and the
-scheduler that runs them a few at a time, each in its own process, skipping what is done."""
+scheduler that runs them a few at a time, each in its own process, skipping what is done.
+Each process holds a lock on its folder's FOLDER.lock for as long as it lives, so that a second
+driver on the same DIR (or one started again while a killed driver's runs go on) waits for
+that run instead of training it twice into the same folder."""
 
 import json
 import os
@@ -8,6 +11,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, no lock
+    fcntl = None
 
 
 @dataclass
@@ -51,23 +59,60 @@ class Job:
         resume = (self.out / "checkpoint").exists() and not self.outdated()
         return [*self.command, "--resume" if resume else "--overwrite"]
 
+    def lock_path(self) -> Path:
+        return Path(f"{self.out}.lock")
+
+    def busy(self) -> bool:
+        """Another process (a run started by another driver) holds this job's lock."""
+        if fcntl is None or not self.lock_path().exists():  # its holder would have made it
+            return False
+        lock = take_lock(self)
+        if lock is None:
+            return True
+        lock.close()
+        return False
+
     def status(self) -> str:
         if self.done():
             return "skip"
+        if self.busy():
+            return "busy"
         if self.outdated():
             return "redo"
         return "resume" if (self.out / "checkpoint").exists() or (self.out / "study.db").exists() else "run"
 
 
-def start(job: Job, slot: int, threads: Optional[int], gpu_per_run: bool) -> subprocess.Popen:
+def take_lock(job: Job):
+    """The job's lock file, open and locked (flock, exclusive); None where another process holds
+    it (or on a system without flock)."""
+    if fcntl is None:
+        return None
+    job.out.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(job.lock_path(), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
+
+
+def start(job: Job, slot: int, threads: Optional[int], gpu_per_run: bool) -> Optional[subprocess.Popen]:
+    """The job's process, which inherits the lock and holds it until it exits, even if this
+    driver is killed; None when another process holds it."""
+    lock = take_lock(job)
+    if lock is None and fcntl is not None:
+        return None
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     if gpu_per_run and "CUDA_VISIBLE_DEVICES" not in os.environ:
         env["CUDA_VISIBLE_DEVICES"] = str(slot)  # --parallel N on N GPUs: slot i trains on GPU i
-    job.out.parent.mkdir(parents=True, exist_ok=True)
-    log = open(f"{job.out}.log", "a")
-    return subprocess.Popen(job.argv(), stdout=log, stderr=subprocess.STDOUT, env=env)
+    with open(f"{job.out}.log", "a") as log:
+        if lock is None:
+            return subprocess.Popen(job.argv(), stdout=log, stderr=subprocess.STDOUT, env=env)
+        with lock:  # the child's inherited copy keeps it locked
+            return subprocess.Popen(job.argv(), stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(lock.fileno(),))
 
 
 def execute(jobs: Sequence[Job], parallel: int, threads: Optional[int] = None, gpu_per_run: bool = False) -> Tuple[List[str], int]:
@@ -75,12 +120,14 @@ def execute(jobs: Sequence[Job], parallel: int, threads: Optional[int] = None, g
     `gpu_per_run`, slot i on GPU i), each once its needs are done; a failure skips what needs it
     and the rest goes on. A done job whose needs are still to run waits too: a search that goes
     on may outdate it. A job with a gate is judged once its needs and `after` have settled; one
-    it leaves out is said so and not run. Returns (the names that
+    it leaves out is said so and not run. A job another process holds waits for it (said once)
+    and is skipped if that process finished it. Returns (the names that
     failed or were skipped, the number of jobs that ran and finished)."""
     pending = {job.name for job in jobs if not job.done()}
     waiting = [job for job in jobs if job.name in pending or pending & set(job.needs)]
     running: Dict[int, tuple] = {}  # slot -> (job, process, start time)
     failed: List[str] = []
+    busy = set()  # the jobs found held by another process, said once each
     finished = 0
     while waiting or running:
         for slot, (job, process, began) in list(running.items()):
@@ -101,17 +148,25 @@ def execute(jobs: Sequence[Job], parallel: int, threads: Optional[int] = None, g
             failed.append(job.name)
         unsettled = {job.name for job, _, _ in running.values()} | {job.name for job in waiting}
         ready = [job for job in waiting if unsettled.isdisjoint(job.needs) and unsettled.isdisjoint(job.after)]
-        for slot in (s for s in range(parallel) if s not in running):
-            if not ready:
-                break
+        free = [slot for slot in range(parallel) if slot not in running]
+        while free and ready:
             job = ready.pop(0)
-            waiting.remove(job)
-            if job.done():  # still made with its search's best point
+            if job.done():  # still made with its search's best point, or finished by another driver
+                waiting.remove(job)
                 continue
-            reason = job.gate() if job.gate else None
+            held = job.busy()
+            reason = job.gate() if job.gate and not held else None
             if reason:
+                waiting.remove(job)
                 print(f"left out {job.name}: {reason}", flush=True)
                 continue
-            running[slot] = (job, start(job, slot, threads, gpu_per_run), time.monotonic())
+            process = None if held else start(job, free[0], threads, gpu_per_run)  # None: taken in the meantime
+            if process is None:  # another driver's run: it stays waiting, to be looked at again
+                if job.name not in busy:
+                    print(f"busy {job.name}: another process trains it (it holds {job.lock_path()}); waiting for it", flush=True)
+                    busy.add(job.name)
+                continue
+            waiting.remove(job)
+            running[free.pop(0)] = (job, process, time.monotonic())
         time.sleep(0.5)
     return failed, finished

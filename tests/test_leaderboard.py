@@ -305,6 +305,36 @@ def test_scheduler_order_parallelism_and_failures(tmp_path, capsys):
     assert all((tmp_path / name / "metrics.json").exists() for name in ("a", "b", "c", "d"))
 
 
+HOLDER = ("import fcntl, pathlib, sys, time\n"  # another driver's run: it holds the lock, trains a while, finishes
+          "lock = open(sys.argv[1], 'a'); fcntl.flock(lock, fcntl.LOCK_EX); pathlib.Path(sys.argv[3]).touch(); time.sleep(2)\n"
+          "out = pathlib.Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True); (out / 'metrics.json').write_text('{}')\n")
+CHECKS_ITS_LOCK = ("import fcntl, pathlib, sys\n"  # a run that tries to take its own folder's lock as a second driver would
+                   "out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)\n"
+                   "try:\n    fcntl.flock(open(str(out) + '.lock', 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB); state = 'free'\n"
+                   "except BlockingIOError:\n    state = 'held'\n"
+                   "(out / 'metrics.json').write_text(state)\n")
+
+
+def test_a_run_another_driver_trains_is_waited_for_not_trained_twice(tmp_path, capsys):
+    pytest.importorskip("fcntl")
+    log = tmp_path / "order.log"
+    held = scheduler.Job("held", tmp_path / "held", [sys.executable, "-c", STAND_IN, str(tmp_path / "held"), str(log), "0"])
+    free = scheduler.Job("free", tmp_path / "free", [sys.executable, "-c", CHECKS_ITS_LOCK, str(tmp_path / "free")])
+    locked = tmp_path / "locked"
+    other = subprocess.Popen([sys.executable, "-c", HOLDER, str(held.lock_path()), str(held.out), str(locked)])
+    while not locked.exists():
+        assert other.poll() is None
+    leaderboard.print_plan([held, free])
+    plan = capsys.readouterr().out.splitlines()
+    assert plan[0].startswith("busy   held ") and plan[-1] == "plan: 1 to run, 0 to resume, 0 done, 1 busy (another process trains them; waited for)"
+    assert scheduler.execute([held, free], parallel=1) == ([], 1)  # free ran in the one slot meanwhile; held was finished by the other
+    assert other.wait() == 0 and not log.exists()  # held's own command never started
+    assert (free.out / "metrics.json").read_text() == "held"  # the run holds its lock while it lives...
+    assert not free.busy() and not held.busy()  # ...and lets go when it exits
+    out = capsys.readouterr().out
+    assert out.count(f"busy held: another process trains it (it holds {held.lock_path()}); waiting for it") == 1
+
+
 def test_the_whole_driver_on_a_tiny_dataset(tiny_dataset, tmp_path):
     """Teacher, baseline, two methods with their defaults, both searched on their grids, tuned runs
     for the one tuning moved most; then the same command again trains nothing."""
