@@ -173,7 +173,7 @@ def plain_loop_markdown(ours: Sequence[Dict], plain: Sequence[Dict]) -> str:
     budget = "; ".join(dict.fromkeys(f"{s['model']}, {s['epochs']} epochs, batch {s['batch_size']}, lr {_fmt_value(s['lr'])}, "
                                       f"{s['precision']}" for s in settings))
     lines = [f"Our loop against a plain PyTorch loop at equal budget (`scripts/plain_loop.py`, written apart from kd's data and "
-             f"loop: {budget}; kd keeps the epoch with the best validation F1, the plain loop its last):", "",
+             f"loop: {budget}; each keeps the epoch with the best validation macro F1 on its own split):", "",
              "| loop | n | accuracy | F1 macro |", "|:--|--:|--:|--:|"]
     values = {}
     for label, runs in (("kd (`train_student.py`, the student row)", ours), ("plain PyTorch (`scripts/plain_loop.py`)", plain)):

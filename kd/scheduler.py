@@ -66,10 +66,13 @@ class Job:
         """Another process (a run started by another driver) holds this job's lock."""
         if fcntl is None or not self.lock_path().exists():  # its holder would have made it
             return False
-        lock = take_lock(self)
-        if lock is None:
+        try:
+            with open(self.lock_path()) as lock:  # read only: a dry run on a read-only DIR works
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
             return True
-        lock.close()
+        except OSError:  # unreadable: nobody can tell, so it is not counted busy
+            return False
         return False
 
     def status(self) -> str:
@@ -87,7 +90,6 @@ def take_lock(job: Job):
     it (or on a system without flock)."""
     if fcntl is None:
         return None
-    job.out.parent.mkdir(parents=True, exist_ok=True)
     lock = open(job.lock_path(), "a")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -99,9 +101,13 @@ def take_lock(job: Job):
 
 def start(job: Job, slot: int, threads: Optional[int], gpu_per_run: bool) -> Optional[subprocess.Popen]:
     """The job's process, which inherits the lock and holds it until it exits, even if this
-    driver is killed; None when another process holds it."""
+    driver is killed; None when another process holds it or finished it in the meantime."""
+    job.out.parent.mkdir(parents=True, exist_ok=True)
     lock = take_lock(job)
     if lock is None and fcntl is not None:
+        return None
+    if lock is not None and job.done():  # another process finished it between our look and the lock
+        lock.close()
         return None
     env = dict(os.environ)
     if threads:
@@ -162,6 +168,9 @@ def execute(jobs: Sequence[Job], parallel: int, threads: Optional[int] = None, g
                 continue
             process = None if held else start(job, free[0], threads, gpu_per_run)  # None: taken in the meantime
             if process is None:  # another driver's run: it stays waiting, to be looked at again
+                if job.done():
+                    waiting.remove(job)
+                    continue
                 if job.name not in busy:
                     print(f"busy {job.name}: another process trains it (it holds {job.lock_path()}); waiting for it", flush=True)
                     busy.add(job.name)

@@ -10,8 +10,9 @@ decay 5e-4 on conv/linear weights only; linear warm-up for 1 epoch, then cosine 
 a stratified validation split of 5000 training images (this script's own draw). fp32, or
 autocast around the forward and the loss with --precision bf16 (what kd picks where bf16 is
 native) or fp16 (with loss scaling; CUDA only). On the GPU when there is one.
-Prints validation and test accuracy after the last epoch; with --output-dir, writes there
-metrics.json (validation and test accuracy and macro F1, the settings, the precision) and
+Keeps the weights of the epoch with the best validation macro F1 (the last one with --val-size 0),
+as kd does, and prints their test accuracy and macro F1; with --output-dir, writes there
+metrics.json (the kept epoch's validation and test accuracy and macro F1, the settings) and
 history.jsonl (one line per epoch), which is how `python -m kd.leaderboard` runs it beside the
 student baseline. It keeps no checkpoint: an interrupted run starts over."""
 
@@ -19,6 +20,7 @@ import argparse
 import io
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,12 +44,24 @@ def read_split(folder: Path, split: str):
 
 
 def hold_out(labels: torch.Tensor, size: int, seed: int = 0):
-    """Stratified: the same share of each class in the held-out part."""
-    rng, classes = np.random.default_rng(seed), labels.unique()
-    val = np.concatenate([rng.permutation(np.flatnonzero(labels.numpy() == c))[: size // len(classes)] for c in classes.tolist()])
+    """Stratified: each class gives its share of `size`, rounded by largest remainder so that
+    exactly `size` images are held out."""
+    rng, labels_np = np.random.default_rng(seed), labels.numpy()
+    classes, counts = np.unique(labels_np, return_counts=True)
+    quota = counts * size / len(labels_np)
+    take = np.floor(quota).astype(int)
+    take[np.argsort(-(quota - take), kind="stable")[: size - take.sum()]] += 1
+    val = np.concatenate([rng.permutation(np.flatnonzero(labels_np == c))[:k] for c, k in zip(classes, take)])
     mask = np.ones(len(labels), bool)
     mask[val] = False
     return torch.from_numpy(np.flatnonzero(mask)), torch.from_numpy(val)
+
+
+def schedule(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay per step down to 0 at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def crop_flip(batch: torch.Tensor) -> torch.Tensor:
@@ -100,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main():
     args = build_parser().parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")  # where kd's runs train too
+    device = torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
     if args.precision == "fp16" and device.type != "cuda":
         sys.exit("plain_loop.py: --precision fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
@@ -110,6 +125,8 @@ def main():
     train_images, train_labels = read_split(args.dataset, "train")
     test_images, test_labels = read_split(args.dataset, "test")
     classes = int(train_labels.max()) + 1
+    if not 0 <= args.val_size < len(train_labels):
+        sys.exit(f"plain_loop.py: --val-size {args.val_size} must be at least 0 and leave training images of the {len(train_labels)}")
     train_index, val_index = hold_out(train_labels, args.val_size)
     (val_images, val_labels), (train_images, train_labels) = (train_images[val_index], train_labels[val_index]), (train_images[train_index], train_labels[train_index])
     train_images, val_images, test_images = train_images.to(device), val_images.to(device), test_images.to(device)
@@ -122,14 +139,16 @@ def main():
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                                 lr=args.lr, momentum=args.momentum, nesterov=True)
     steps_per_epoch = len(train_labels) // args.batch_size  # whole batches only, as kd does
+    if steps_per_epoch == 0:
+        sys.exit(f"plain_loop.py: --batch-size {args.batch_size} is larger than the {len(train_labels)} training images")
     total, warmup, step = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch), 0
-    history = []
+    history, best, kept = [], None, None  # kept: the weights of the epoch with the best validation macro F1, as kd keeps
     for epoch in range(args.epochs):
         model.train()
         start, order = time.perf_counter(), torch.randperm(len(train_labels))
         for i in range(0, steps_per_epoch * args.batch_size, args.batch_size):
             index = order[i:i + args.batch_size]
-            lr = args.lr * (step + 1) / warmup if step < warmup else args.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            lr = schedule(step, total, warmup, args.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images = (crop_flip(train_images[index.to(device)]).float() / 255 - mean) / std
@@ -140,22 +159,31 @@ def main():
             scaler.step(optimizer)
             scaler.update()
             step += 1
-        val = scores(predict(model, val_images, mean, std, autocast), val_labels, classes) if len(val_labels) else {"accuracy": float("nan")}
+        val = scores(predict(model, val_images, mean, std, autocast), val_labels, classes) if len(val_labels) else None
+        if val and (best is None or val["f1_macro"] > best[1]["f1_macro"]):
+            best, kept = (epoch + 1, val), {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        history.append({"epoch": epoch + 1, "loss": loss.item(), "val_accuracy": val["accuracy"], "epoch_time_s": seconds})
-        print(f"epoch {epoch + 1}: loss {loss.item():.4f} val_acc {val['accuracy']:.4f} {steps_per_epoch * args.batch_size / seconds:.0f} img/s", flush=True)
+        history.append({"epoch": epoch + 1, "loss": loss.item(), **({"val_accuracy": val["accuracy"], "val_f1_macro": val["f1_macro"]} if val else {}),
+                        "epoch_time_s": seconds})
+        print(f"epoch {epoch + 1}: loss {loss.item():.4f}" + (f" val_acc {val['accuracy']:.4f}" if val else "")
+              + f" {steps_per_epoch * args.batch_size / seconds:.0f} img/s", flush=True)
+    if kept is not None:
+        model.load_state_dict(kept)
     test = scores(predict(model, test_images, mean, std, autocast), test_labels, classes)
-    print(f"plain loop {args.model} {args.epochs} epochs {args.precision}: val accuracy {val['accuracy']:.4f} "
+    chosen = f"epoch {best[0]} (best validation F1 macro {best[1]['f1_macro']:.4f})" if best else "the last epoch (no validation split)"
+    print(f"plain loop {args.model} {args.epochs} epochs {args.precision}, weights of {chosen}: "
           f"test accuracy {test['accuracy']:.4f} test F1 macro {test['f1_macro']:.4f}")
     if args.output_dir:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         (args.output_dir / "history.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
         settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if key not in ("output_dir", "overwrite")}
-        metrics = {"val": val, "test": test, "kept": "the last epoch", "settings": settings, "device": device.type,
-                   "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
-        (args.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")  # last: its presence means done
+        metrics = {"val": best[1] if best else None, "test": test, "kept_epoch": best[0] if best else args.epochs, "settings": settings,
+                   "device": device.type, "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+        partial = args.output_dir / "metrics.json.partial"
+        partial.write_text(json.dumps(metrics, indent=2) + "\n")
+        os.replace(partial, args.output_dir / "metrics.json")  # last, whole: its presence means done
 
 if __name__ == "__main__":
     main()

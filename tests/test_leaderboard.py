@@ -335,6 +335,28 @@ def test_a_run_another_driver_trains_is_waited_for_not_trained_twice(tmp_path, c
     assert out.count(f"busy held: another process trains it (it holds {held.lock_path()}); waiting for it") == 1
 
 
+def test_a_run_whose_other_driver_died_unfinished_is_trained_here(tmp_path, capsys):
+    pytest.importorskip("fcntl")
+    log, locked = tmp_path / "order.log", tmp_path / "locked"
+    job = scheduler.Job("held", tmp_path / "runs" / "held", [sys.executable, "-c", STAND_IN, str(tmp_path / "runs" / "held"), str(log), "0"])
+    died = HOLDER.replace("(out / 'metrics.json').write_text('{}')", "raise SystemExit(1)")  # killed before it finished
+    job.out.parent.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", died, str(job.lock_path()), str(job.out), str(locked)])
+    while not locked.exists():
+        assert other.poll() is None
+    assert scheduler.execute([job], parallel=1) == ([], 1)
+    assert other.wait() == 1 and log.read_text().split() == ["start", "held", "end", "held"]
+    assert "busy held: another process trains it" in capsys.readouterr().out
+
+
+def test_without_flock_runs_go_on_unlocked(tmp_path, monkeypatch):
+    monkeypatch.setattr(scheduler, "fcntl", None)  # as on Windows
+    log = tmp_path / "order.log"
+    job = scheduler.Job("s0", tmp_path / "runs" / "m" / "s0", [sys.executable, "-c", STAND_IN, str(tmp_path / "runs" / "m" / "s0"), str(log), "0"])
+    assert job.status() == "run" and scheduler.execute([job], parallel=1) == ([], 1)
+    assert (tmp_path / "runs" / "m" / "s0.log").is_file() and not job.lock_path().exists()
+
+
 def test_the_whole_driver_on_a_tiny_dataset(tiny_dataset, tmp_path):
     """Teacher, baseline, two methods with their defaults, both searched on their grids, tuned runs
     for the one tuning moved most; then the same command again trains nothing."""

@@ -34,6 +34,23 @@ def test_scores_match_scikit_learn_with_a_class_never_predicted():
     assert scores["f1_macro"] == pytest.approx(f1_score(labels, predicted, average="macro", labels=range(5), zero_division=0))
 
 
+def test_its_schedule_and_validation_split_are_kd_s():
+    """The equal budget: the same lr at every step, and a held-out part of the same size per class
+    (so the same steps per epoch), though each is written apart."""
+    from kd.data import stratified_split
+    from kd.engine import learning_rate
+
+    plain_loop = load_script()
+    total, warmup = 10 * 175, round(0.5 * 175)
+    assert [plain_loop.schedule(step, total, warmup, 0.4) for step in range(total)] == pytest.approx(
+        [learning_rate(step, total, warmup, 0.4) for step in range(total)], rel=1e-12, abs=1e-15)
+    labels = torch.tensor([0] * 7 + [1] * 3 + [2] * 13 + [3] * 1)  # uneven classes: shares with remainders
+    for size in (0, 5, 11, 23):
+        _, plain_val = plain_loop.hold_out(labels, size)
+        _, kd_val = stratified_split(labels, size)
+        assert torch.bincount(labels[plain_val], minlength=4).tolist() == torch.bincount(labels[kd_val], minlength=4).tolist()
+
+
 def test_a_run_writes_its_scores_settings_and_epochs(tiny_dataset, tmp_path):
     out = tmp_path / "plain"
     command = [sys.executable, str(SCRIPT), str(tiny_dataset), "--epochs", "2", "--batch-size", "32", "--val-size", "32",
@@ -47,6 +64,9 @@ def test_a_run_writes_its_scores_settings_and_epochs(tiny_dataset, tmp_path):
     assert f"test accuracy {metrics['test']['accuracy']:.4f} test F1 macro {metrics['test']['f1_macro']:.4f}" in result.stdout
     epochs = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in epochs] == [1, 2] and all(record["epoch_time_s"] > 0 for record in epochs)
+    best = max(epochs, key=lambda record: record["val_f1_macro"])  # the first best, as kd keeps
+    assert metrics["kept_epoch"] == best["epoch"] and metrics["val"]["f1_macro"] == best["val_f1_macro"]
+    assert not (out / "metrics.json.partial").exists()
 
 
 def test_fp16_on_the_cpu_is_one_line(tiny_dataset, tmp_path):
