@@ -109,8 +109,9 @@ def plain_loop_flags(budget: Budget, dataset: str, extra: Sequence[str]) -> Tupl
             cfg, _, run = config.parse(student, ["--config", str(PRESETS / budget.student), "--dataset", dataset, *extra])
     except (SystemExit, UsageError) as error:  # the baseline's runs will refuse them too, each in its log
         return None, f"train_student.py refuses the flags ({refused.getvalue().strip() or error})"
-    unequal = [name for name, value in (("label_smoothing", cfg.label_smoothing), ("grad_accum", cfg.grad_accum - 1),
-                                        ("max_train_samples", cfg.max_train_samples), ("max_eval_samples", cfg.max_eval_samples)) if value]
+    differs = {"label_smoothing": cfg.label_smoothing != 0, "grad_accum": cfg.grad_accum != 1,
+               "max_train_samples": cfg.max_train_samples is not None, "max_eval_samples": cfg.max_eval_samples is not None}
+    unequal = [name for name, set_here in differs.items() if set_here]
     if unequal:
         return None, f"the student budget sets {', '.join(unequal)}, which the plain loop does not do"
     precision = choose_precision(run.mixed_precision, warn=lambda line: None, launcher_argv=None, script="train_student.py")

@@ -113,8 +113,7 @@ def entries(rows: Sequence[Row], baseline: Row, split: str = "test") -> List[Ent
     return out
 
 
-def _delta_cell(entry: Entry, key: str) -> str:
-    d = entry.deltas[key]
+def _interval_cell(d: Optional[stats.Difference]) -> str:
     return "n/a (n < 2)" if d is None else f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
 
 
@@ -136,7 +135,7 @@ def to_markdown(items: Sequence[Entry], baseline: Row, split: str = "test") -> s
         row = entry.row
         differs = "≠ " if entry.measured_on != base_hardware else ""
         cells = [row.label, entry.settings or "–", str(row.n), *(_cell(*row.stats[key]) for key, _ in COMPARED),
-                 *(("baseline" if row is baseline else _delta_cell(entry, key)) for key, _ in COMPARED),
+                 *(("baseline" if row is baseline else _interval_cell(entry.deltas[key])) for key, _ in COMPARED),
                  f"{entry.step_cost:.2f}×" if entry.step_cost else "–",
                  format_duration(entry.wall_time_s) if entry.wall_time_s is not None else "–",
                  differs + entry.measured_on]
@@ -182,8 +181,7 @@ def plain_loop_markdown(ours: Sequence[Dict], plain: Sequence[Dict]) -> str:
         lines.append(f"| {label} | {len(runs)} | {' | '.join(cells)} |")
     kd_values, plain_values = values.values()
     differences = [stats.welch_interval(plain_values[key], kd_values[key]) for key, _ in COMPARED]
-    lines.append("| plain − kd [95% CI] | | " + " | ".join("n/a (n < 2)" if d is None else f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
-                                                          for d in differences) + " |")
+    lines.append("| plain − kd [95% CI] | | " + " | ".join(map(_interval_cell, differences)) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,7 @@ Each process holds a lock on its folder's FOLDER.lock for as long as it lives, s
 driver on the same DIR (or one started again while a killed driver's runs go on) waits for
 that run instead of training it twice into the same folder."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -114,11 +115,9 @@ def start(job: Job, slot: int, threads: Optional[int], gpu_per_run: bool) -> Opt
         env["OMP_NUM_THREADS"] = str(threads)
     if gpu_per_run and "CUDA_VISIBLE_DEVICES" not in os.environ:
         env["CUDA_VISIBLE_DEVICES"] = str(slot)  # --parallel N on N GPUs: slot i trains on GPU i
-    with open(f"{job.out}.log", "a") as log:
-        if lock is None:
-            return subprocess.Popen(job.argv(), stdout=log, stderr=subprocess.STDOUT, env=env)
-        with lock:  # the child's inherited copy keeps it locked
-            return subprocess.Popen(job.argv(), stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(lock.fileno(),))
+    # the child's inherited copy of the lock keeps it locked after ours is closed
+    with open(f"{job.out}.log", "a") as log, lock or contextlib.nullcontext():
+        return subprocess.Popen(job.argv(), stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(lock.fileno(),) if lock else ())
 
 
 def execute(jobs: Sequence[Job], parallel: int, threads: Optional[int] = None, gpu_per_run: bool = False) -> Tuple[List[str], int]:

@@ -85,7 +85,7 @@ def scores(predicted: torch.Tensor, labels: torch.Tensor, classes: int) -> dict:
     """Accuracy and macro F1 (F1 per class from its true and false positives and negatives, 0
     for a class never predicted nor present, then the plain mean over classes)."""
     predicted, labels = predicted.cpu(), labels.cpu()
-    hits = torch.stack([((predicted == c) & (labels == c)).sum() for c in range(classes)]).double()
+    hits = torch.bincount(labels[predicted == labels], minlength=classes).double()
     predicted_count = torch.bincount(predicted, minlength=classes).double()
     true_count = torch.bincount(labels, minlength=classes).double()
     f1 = torch.where(predicted_count + true_count > 0, 2 * hits / (predicted_count + true_count), torch.zeros(classes, dtype=torch.double))
