@@ -16,6 +16,19 @@ CLASS_NAMES = ["red", "green", "blue", "dark"]
 REAL_CIFAR10 = Path(os.environ.get("KD_TEST_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))
 
 
+def share_the_cores() -> None:
+    """Under pytest-xdist (setup.cfg runs a worker per core) each worker, and every script it
+    starts, gets its share of the cores: torch's default of a thread per core in each of them
+    would oversubscribe the machine. Runs before any test module imports torch."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // workers))
+
+
+share_the_cores()
+
+
 def write_tiny_cifar(folder: Path, n_train: int = 192, n_test: int = 64, image_column: str = "img", seed: int = 0,
                      class_names=CLASS_NAMES, label_column: str = "label") -> Path:
     """A learnable dataset: each class has its own colour, plus noise; PNG images in parquet
