@@ -158,9 +158,12 @@ def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int,
         script, needs, method = rows[name]
         mode, search = SUPERVISED if name == "student" else name, searches / name
         from_teacher = method[:2]  # --teacher DIR (nothing for the baseline)
+        # the default run on the search's seed is the method's default point: where the search
+        # holds that point, kd.tune takes the run as its trial instead of training it again
+        default = f"{name}/default/s{SEARCH_SEED}"
         searching = [sys.executable, "-m", "kd.tune", "--method", mode, *budget_flags, "--output-dir", str(search),
-                     *student, *from_teacher, "--seed", str(SEARCH_SEED)]
-        jobs.append(Job(f"{name}/tune", search, searching, needs, trials=count, grid=grid))
+                     *student, *from_teacher, "--seed", str(SEARCH_SEED), "--reuse-runs", str(runs / default)]
+        jobs.append(Job(f"{name}/tune", search, searching, needs, trials=count, grid=grid, after=[default]))
         # the command line overrides --config: a searched setting among the extra flags would undo the search
         tuned_common = ["--dataset", dataset, "--report-to", "none", *without_flags(extra, methods()[mode].search_space)]
         folders = [runs / name / "tuned" / f"s{seed}" for seed in tuned_seeds(seeds)]

@@ -1,5 +1,6 @@
 """Training curves of a run (history.jsonl) as one PNG: the loss terms, the validation
-metrics and the learning rate, per epoch; and the test split's confusion matrix."""
+metrics and the learning rate, per epoch; the test split's confusion matrix; and a search's
+trials (kd.tune)."""
 
 import os
 import tempfile
@@ -86,3 +87,35 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
     axes.set(xlabel="predicted", ylabel="true", title=title)
     figure.colorbar(image, ax=axes, label="share of the true class")
     return save_png_atomic(figure, Path(path))
+
+
+def plot_trials(trials: Sequence, study_name: str, path: Path) -> Path:
+    """A search's finished trials (Optuna's FrozenTrial: complete or pruned), as one PNG. Left:
+    each trial's final validation F1 (pruned ones at their last report) and the best so far;
+    right: the per-epoch validation F1 of every trial, which is what the pruner compares."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 3.8), layout="constrained")
+    by_trial, by_epoch = figure.subplots(1, 2)
+    best, best_line = -1.0, []
+    for trial in trials:
+        complete = trial.state.name == "COMPLETE"
+        last = trial.intermediate_values.get(max(trial.intermediate_values, default=0))
+        score = trial.value if complete else last
+        if score is not None:
+            by_trial.plot(trial.number, score, "o" if complete else "x", color="C0" if complete else "grey")
+        if complete:
+            best = max(best, trial.value)
+            best_line.append((trial.number, best))
+        epochs = sorted(trial.intermediate_values)
+        by_epoch.plot(epochs, [trial.intermediate_values[e] for e in epochs], "-" if complete else ":",
+                      color="C0" if complete else "grey", alpha=0.7, marker="o", markersize=2)
+    if best_line:
+        by_trial.step(*zip(*best_line), where="post", color="C1", label="best so far")
+        by_trial.legend(fontsize="small")
+    by_trial.set(title=f"{study_name}: trials (x: pruned)", xlabel="trial", ylabel="validation F1 macro")
+    by_epoch.set(title="per epoch (dotted: pruned)", xlabel="epoch", ylabel="validation F1 macro")
+    for axes in (by_trial, by_epoch):
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.grid(alpha=0.3)
+    return save_png_atomic(figure, path)

@@ -160,7 +160,8 @@ def searches_markdown(searches: Dict[str, Optional[Dict]], gains: Optional[Dict[
                     if grid else "TPE draws")
         best = ", ".join(f"{name}={_fmt_value(value)}" for name, value in summary["best_params"].items())
         gain = "n/a" if gains.get(method) is None else f"{gains[method]:+.4f}"
-        lines.append(f"| {method} | {summary['trials']} ({summary['pruned']}) | {searched} | {best} | {summary['best_val_f1_macro']:.4f} | {gain} |")
+        reused = f", {summary['reused']} reused" if summary.get("reused") else ""  # runs taken as trials (kd.tune --reuse-runs)
+        lines.append(f"| {method} | {summary['trials']} ({summary['pruned']}){reused} | {searched} | {best} | {summary['best_val_f1_macro']:.4f} | {gain} |")
     return "\n".join(lines) + "\n"
 
 

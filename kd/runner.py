@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import timm
 import torch
@@ -198,12 +198,23 @@ def _resume_settings(resolved: Dict) -> Dict:
     return flat
 
 
-def check_resumable(out: Path, resolved: Dict) -> None:
-    saved, now = _resume_settings(json.loads((out / "run_config.json").read_text())), _resume_settings(resolved)
+def changed_setting(saved: Dict, now: Dict) -> Optional[Tuple[str, Any, Any]]:
+    """The first setting that changes what is learned and differs between two resolved configs
+    (run_config.json's content; `now` may hold only some of its sections): (key, saved, now), or
+    None when they would learn the same."""
+    saved, now = _resume_settings(saved), _resume_settings(now)
     for key in now:
         if json.dumps(saved.get(key)) != json.dumps(now[key]):
-            raise UsageError(f"--resume: {key} was {saved.get(key)!r} in this run, now {now[key]!r}; "
-                             "resume with the run's settings or start a new --output-dir")
+            return key, saved.get(key), now[key]
+    return None
+
+
+def check_resumable(out: Path, resolved: Dict) -> None:
+    changed = changed_setting(json.loads((out / "run_config.json").read_text()), resolved)
+    if changed:
+        key, saved, now = changed
+        raise UsageError(f"--resume: {key} was {saved!r} in this run, now {now!r}; "
+                         "resume with the run's settings or start a new --output-dir")
 
 
 def startup_line(accelerator: Accelerator, precision: device.Precision, cfg: TrainConfig, steps_per_epoch: int) -> str:

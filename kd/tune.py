@@ -9,14 +9,18 @@ Each trial is a real training run in OUTPUT_DIR/trials/; the objective is the va
 F1 of the kept weights, and a trial whose per-epoch validation F1 falls below the median of
 earlier trials at that epoch is pruned (Optuna: seeded TPE sampler, median pruner). `--grid
 NAME=V1,V2 ...` tries those points instead, in order (each inside the declared space): on a
-budget of a few trials a small grid says more than a few random draws. The study
-lives in OUTPUT_DIR/study.db (SQLite): run the same command again and it continues to the
-trial budget. Writes OUTPUT_DIR/best.yaml (a preset for --config), trials.png and tune.json."""
+budget of a few trials a small grid says more than a few random draws. `--reuse-runs RUN_DIR
+...` takes finished runs that trained a point of the search exactly as its trial would (the
+leaderboard's default run on the search's seed) as that point's trial, instead of training it
+again. The study lives in OUTPUT_DIR/study.db (SQLite): run the same command again and it
+continues to the trial budget. Writes OUTPUT_DIR/best.yaml (a preset for --config), trials.png
+and tune.json."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from kd import cli
 from kd import config as kd_config
@@ -24,7 +28,7 @@ from kd.config import DistillConfig, Parser, TrainConfig, parse
 from kd.distillers import DISTILLERS, Supervised
 from kd.errors import RunError, UsageError, main_guard
 from kd.export import write_json_atomic, write_text_atomic
-from kd.plots import save_png_atomic
+from kd.plots import plot_trials
 
 SUPERVISED = "supervised"  # the student baseline: train_student.py
 KINDS = ("float", "int", "categorical")
@@ -106,16 +110,97 @@ def grid_points(grid: Dict[str, list]) -> List[Dict]:
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
+def held_points(study) -> List[Dict]:
+    """The points trials hold already: finished, or queued to run (an interrupted trial, marked
+    failed, holds none)."""
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.WAITING)
+    return [trial.params for trial in study.get_trials(deepcopy=False, states=states)]
+
+
 def enqueue_grid(study, grid: Dict[str, list]) -> None:
     """Queue each grid point no finished or queued trial holds yet, in order; an interrupted
     trial (marked failed) is queued again."""
-    import optuna
-
-    held = [trial.params for trial in finished(study)]
-    held += [trial.params for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))]
+    held = held_points(study)
     for point in grid_points(grid):
         if point not in held:
             study.enqueue_trial(point)
+
+
+def distribution(kind: str, *args):
+    """The Optuna distribution `suggest` draws a declared (kind, *args) from."""
+    import optuna
+
+    if kind == "categorical":
+        return optuna.distributions.CategoricalDistribution(list(args[0]))
+    low, high, *options = args
+    make = optuna.distributions.FloatDistribution if kind == "float" else optuna.distributions.IntDistribution
+    return make(low, high, **(options[0] if options else {}))
+
+
+def inside(kind: str, *args, value) -> bool:
+    return value in args[0] if kind == "categorical" else args[0] <= value <= args[1]
+
+
+def reusable_point(folder: Path, method: str, space: Dict[str, tuple], grid: Optional[Dict], training_args: List[str]) -> Tuple[Optional[Dict], str]:
+    """(the point of the search that the finished run in `folder` trained, exactly as a trial would
+    train it: every setting that changes what is learned, the seed, data, teacher and precision),
+    or (None, why it is not one)."""
+    from kd.device import choose_precision
+    from kd.runner import changed_setting
+
+    if not ((folder / "metrics.json").is_file() and (folder / "run_config.json").is_file()):
+        return None, "no finished run there"
+    resolved = json.loads((folder / "run_config.json").read_text())
+    settings = {**resolved["train"], **(resolved.get("distill") or {})}
+    point = {name: settings.get(name) for name in space}
+    shown = ", ".join(f"{name}={value}" for name, value in point.items())
+    if grid is not None and point not in grid_points(grid):
+        return None, f"its {shown} is not a point of the grid"
+    if not all(inside(*space[name], value=value) for name, value in point.items()):
+        return None, f"its {shown} is outside the declared space"
+    parser, _ = training_entry(method)
+    cfg, distill, run = parse(parser, trial_argv(method, training_args, point, folder))
+    trial = {"train": dataclasses.asdict(cfg), "run": {"dataset": run.dataset}, "method": distill.mode if distill else "supervised",
+             **({"distill": dataclasses.asdict(distill), "teacher": run.teacher} if distill else {"role": "student"})}
+    changed = changed_setting(resolved, trial)
+    if changed:
+        return None, f"it trained with {changed[0]}={changed[1]!r}, a trial of this search would with {changed[2]!r}"
+    precision = choose_precision(run.mixed_precision, warn=lambda line: None).mode
+    if resolved.get("mixed_precision") != precision:
+        return None, f"it trained in mixed precision {resolved.get('mixed_precision')!r}, a trial here would in {precision!r}"
+    return point, ""
+
+
+def reuse_runs(study, method: str, space: Dict[str, tuple], grid: Optional[Dict], training_args: List[str],
+               folders: Sequence[Path], budget: int) -> None:
+    """Take each finished run of `folders` that trained a point no trial holds yet, exactly as a
+    trial would, as a finished trial of that point (its kept weights' validation F1, its per-epoch
+    scores for the pruner), so that the point is not trained again; at most `budget` of them. The
+    leaderboard's default run on the search's seed is its method's default point: a grid that
+    holds the defaults costs a run less. Each folder left out is said so, in one line."""
+    import optuna
+
+    held = held_points(study)
+    for folder in map(Path, folders):
+        point, why = reusable_point(folder, method, space, grid, training_args)
+        if point is not None and point in held:
+            why = "a trial of this search holds its point already"
+        elif point is not None and budget <= 0:
+            why = "the trial budget is spent"
+        if why:
+            print(f"not reused: {folder}: {why}", flush=True)
+            continue
+        metrics = json.loads((folder / "metrics.json").read_text())
+        history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines() if line.strip()]
+        study.add_trial(optuna.trial.create_trial(
+            params=point, distributions={name: distribution(*spec) for name, spec in space.items()}, value=metrics["val"]["f1_macro"],
+            intermediate_values={record["epoch"]: record["val_f1_macro"] for record in history if "val_f1_macro" in record},
+            user_attrs={"run_dir": str(folder), "reused": True}))
+        held.append(point)
+        budget -= 1
+        print(trial_line(study, study.trials[-1]) + f" (reused: {folder})", flush=True)
 
 
 def suggest(trial, space: Dict[str, tuple]) -> Dict:
@@ -248,37 +333,6 @@ def write_preset(study, method: str, path: Path) -> Dict:
     return preset
 
 
-def plot_trials(study, path: Path) -> Path:
-    """Left: each trial's final validation F1 (pruned ones at their last report) and the best so
-    far; right: the per-epoch validation F1 of every trial, which is what the pruner compares."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(10, 3.8), layout="constrained")
-    by_trial, by_epoch = figure.subplots(1, 2)
-    best, best_line = -1.0, []
-    for trial in finished(study):
-        complete = trial.state.name == "COMPLETE"
-        last = trial.intermediate_values.get(max(trial.intermediate_values, default=0))
-        score = trial.value if complete else last
-        if score is not None:
-            by_trial.plot(trial.number, score, "o" if complete else "x", color="C0" if complete else "grey")
-        if complete:
-            best = max(best, trial.value)
-            best_line.append((trial.number, best))
-        epochs = sorted(trial.intermediate_values)
-        by_epoch.plot(epochs, [trial.intermediate_values[e] for e in epochs], "-" if complete else ":",
-                      color="C0" if complete else "grey", alpha=0.7, marker="o", markersize=2)
-    if best_line:
-        by_trial.step(*zip(*best_line), where="post", color="C1", label="best so far")
-        by_trial.legend(fontsize="small")
-    by_trial.set(title=f"{study.study_name}: trials (x: pruned)", xlabel="trial", ylabel="validation F1 macro")
-    by_epoch.set(title="per epoch (dotted: pruned)", xlabel="epoch", ylabel="validation F1 macro")
-    for axes in (by_trial, by_epoch):
-        axes.xaxis.get_major_locator().set_params(integer=True)
-        axes.grid(alpha=0.3)
-    return save_png_atomic(figure, path)
-
-
 def build_parser() -> Parser:
     parser = Parser(prog="python -m kd.tune", description=__doc__.splitlines()[0], allow_abbrev=False,
                     epilog="Every other flag is passed to the training script of the method.")
@@ -289,6 +343,9 @@ def build_parser() -> Parser:
     parser.add_argument("--grid", nargs="+", metavar="NAME=V1,V2", help="try these points (every combination, in order) instead of TPE draws")
     parser.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (the trials' training seed is --seed)")
     parser.add_argument("--prune-from-epoch", type=int, default=2, help="first epoch at which a trial may be pruned")
+    parser.add_argument("--reuse-runs", nargs="+", default=[], metavar="RUN_DIR",
+                        help="finished runs of this method trained as a trial would be (same flags, a point of the search): "
+                             "each counts as that point's trial instead of training it again")
     return parser
 
 
@@ -315,6 +372,8 @@ def tune(argv: Optional[Sequence[str]] = None) -> Dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     study = open_study(out, args.method, args.sampler_seed, args.prune_from_epoch, training_args, grid)
+    if args.reuse_runs and len(finished(study)) < trials:
+        reuse_runs(study, args.method, space, grid, training_args, args.reuse_runs, budget=trials - len(finished(study)))
     remaining = trials - len(finished(study))
     if remaining > 0:
         if grid is not None:
@@ -331,10 +390,11 @@ def summarize(study, method: str, out: Path) -> Dict:
     if not any(trial.state.name == "COMPLETE" for trial in done):
         raise RunError(f"no trial of {method} finished (all {len(done)} pruned); nothing to write")
     preset = write_preset(study, method, out / "best.yaml")
-    plot_trials(study, out / "trials.png")
+    plot_trials(finished(study), study.study_name, out / "trials.png")
     best = study.best_trial
     summary = {"method": method, "trials": len(done), "pruned": sum(t.state.name == "PRUNED" for t in done),
                "best_trial": best.number, "best_val_f1_macro": best.value, "best_params": best.params, "preset": preset,
+               "reused": sum(bool(t.user_attrs.get("reused")) for t in done),  # runs taken as trials, not trained by the search
                "grid": study.user_attrs.get("grid")}  # None: TPE draws
     write_json_atomic(out / "tune.json", summary)
     print(f"best of {method}: trial {best.number}, val f1_macro {best.value:.4f}, "

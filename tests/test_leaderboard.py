@@ -385,8 +385,13 @@ def test_the_whole_driver_on_a_tiny_dataset(tiny_dataset, tmp_path):
     plain = read_json(out / "plain" / "s0" / "metrics.json")
     assert plain["settings"]["epochs"] == 1 and plain["settings"]["batch_size"] == 32 and plain["settings"]["val_size"] == 32
     assert f"| plain PyTorch (`scripts/plain_loop.py`) | 1 | {plain['test']['accuracy']:.4f} | {plain['test']['f1_macro']:.4f} |" in board
-    # teacher, student, 2 defaults, 1 tuned; the plain loop beside the student; 2 x 3 grid points
-    assert "\nCompute: 5 runs, 1 plain-loop run and 6 search trials, " in board
+    # logits' grid holds its default T 4: the default run on the search's seed is that trial, not trained twice
+    logits = read_json(out / "tune" / "logits" / "tune.json")
+    assert (logits["reused"], read_json(out / "tune" / "dkd" / "tune.json")["reused"]) == (1, 0)  # dkd's grid lacks its β 8
+    assert sorted(path.name for path in (out / "tune" / "logits" / "trials").iterdir()) == ["001", "002"]
+    assert "| logits | 3 (0), 1 reused | grid temperature 2, 4, 8 |" in board
+    # teacher, student, 2 defaults, 1 tuned; the plain loop beside the student; 2 + 3 grid points trained
+    assert "\nCompute: 5 runs, 1 plain-loop run and 5 search trials, " in board
     again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "driver: 0 jobs finished, 0 failed or skipped" in again.stdout

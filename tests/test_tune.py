@@ -89,6 +89,44 @@ def test_grid_tries_each_point_in_order_and_resumes_an_interrupted_one(tiny_data
     assert len(load_study(out).trials) == 5
 
 
+def test_a_finished_run_of_a_point_is_taken_as_its_trial_not_trained_again(tiny_dataset, tmp_path):
+    """The leaderboard's default run on the search's seed is its method's default point: kd.tune
+    takes it as that point's trial. A trial of the same point, trained, scores the same bit for
+    bit on CPU; a run that learned anything differently is not taken, and says why."""
+    import shutil
+
+    flags = ["--dataset", str(tiny_dataset), *TUNE_FLAGS, "--epochs", "2"]
+    default = tmp_path / "runs" / "default"
+    cli.train("student", [*flags, "--report-to", "none", "--output-dir", str(default)])  # lr 0.05 (TUNE_FLAGS), seed 0
+    unlike = {"seed1": ("train", "seed", 1), "off-grid": ("train", "lr", 0.1), "bf16": (None, "mixed_precision", "bf16")}
+    for name, (section, key, value) in unlike.items():  # the same run, as if it had been trained otherwise
+        shutil.copytree(default, tmp_path / "runs" / name)
+        resolved = read_json(default / "run_config.json")
+        (resolved[section] if section else resolved)[key] = value
+        (tmp_path / "runs" / name / "run_config.json").write_text(json.dumps(resolved))
+    others = [tmp_path / "runs" / name for name in (*unlike, "missing")]
+    out = tmp_path / "tune"
+    result = run_tune("--method", "supervised", "--grid", "lr=0.05,0.2", "--output-dir", out, *flags, "--reuse-runs", default, *others)
+    kept = read_json(default / "metrics.json")["val"]["f1_macro"]
+    assert f"trial 0: lr=0.05 -> val f1_macro {kept:.4f} (best so far {kept:.4f}) (reused: {default})" in result.stdout
+    assert f"not reused: {others[0]}: it trained with seed=1, a trial of this search would with 0" in result.stdout
+    assert f"not reused: {others[1]}: its lr=0.1 is not a point of the grid" in result.stdout
+    assert f"not reused: {others[2]}: it trained in mixed precision 'bf16', a trial here would in 'no'" in result.stdout
+    assert f"not reused: {others[3]}: no finished run there" in result.stdout
+    assert "1 of 2 trials done, running 1" in result.stdout  # only lr=0.2 is trained
+    reused, trained = load_study(out).trials
+    assert (reused.params, trained.params) == ({"lr": 0.05}, {"lr": 0.2})
+    history = [json.loads(line) for line in (default / "history.jsonl").read_text().splitlines()]
+    assert reused.value == kept and reused.intermediate_values == {r["epoch"]: r["val_f1_macro"] for r in history}  # the pruner's view
+    assert reused.user_attrs["run_dir"] == str(default) and sorted(p.name for p in (out / "trials").iterdir()) == ["001"]
+    assert read_json(out / "tune.json")["reused"] == 1 and read_json(out / "tune.json")["trials"] == 2
+    # the same point trained as a trial: the same scores, epoch by epoch, so the search decides as if it had trained it
+    alone = run_tune("--method", "supervised", "--grid", "lr=0.05", "--output-dir", tmp_path / "alone", *flags)
+    assert "reused" not in alone.stdout
+    (trial,) = load_study(tmp_path / "alone").trials
+    assert (trial.value, trial.intermediate_values) == (reused.value, reused.intermediate_values)
+
+
 def test_epoch_callback_sees_each_record_and_can_stop_the_run(tiny_dataset, tmp_path):
     class Stop(Exception):
         pass
