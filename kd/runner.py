@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -186,23 +186,24 @@ RESUME_MUST_MATCH = ("train", "distill", "role", "method", "teacher", "data")
 RESUME_MAY_CHANGE = ("grad_accum",)
 
 
-def _resume_settings(resolved: Dict) -> Dict:
+def _resume_settings(resolved: Dict, may_change: Sequence[str]) -> Dict:
     flat = {"dataset": (resolved.get("run") or {}).get("dataset")}
     for section in RESUME_MUST_MATCH:
         values = resolved.get(section)
         if isinstance(values, dict):
             prefix = "data." if section == "data" else ""
-            flat.update({prefix + k: v for k, v in values.items() if k not in RESUME_MAY_CHANGE})
+            flat.update({prefix + k: v for k, v in values.items() if k not in may_change})
         else:
             flat[section] = values
     return flat
 
 
-def changed_setting(saved: Dict, now: Dict) -> Optional[Tuple[str, Any, Any]]:
+def changed_setting(saved: Dict, now: Dict, may_change: Sequence[str] = RESUME_MAY_CHANGE) -> Optional[Tuple[str, Any, Any]]:
     """The first setting that changes what is learned and differs between two resolved configs
-    (run_config.json's content; `now` may hold only some of its sections): (key, saved, now), or
-    None when they would learn the same."""
-    saved, now = _resume_settings(saved), _resume_settings(now)
+    (run_config.json's content; `now` may hold only some of its sections, and a section it lacks
+    is not compared): (key, saved, now), or None when they would learn the same. `may_change`:
+    the train settings left out (a resumed run may split its batch otherwise)."""
+    saved, now = _resume_settings(saved, may_change), _resume_settings(now, may_change)
     for key in now:
         if json.dumps(saved.get(key)) != json.dumps(now[key]):
             return key, saved.get(key), now[key]

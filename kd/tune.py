@@ -18,6 +18,7 @@ and tune.json."""
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -145,16 +146,19 @@ def inside(kind: str, *args, value) -> bool:
 
 def reusable_point(folder: Path, method: str, space: Dict[str, tuple], grid: Optional[Dict], training_args: List[str]) -> Tuple[Optional[Dict], str]:
     """(the point of the search that the finished run in `folder` trained, exactly as a trial would
-    train it: every setting that changes what is learned, the seed, data, teacher and precision),
-    or (None, why it is not one)."""
+    train it: every setting that changes what is learned, the batch split, the seed, the data set's
+    name and sizes, the teacher, the process count and the precision), or (None, why it is not one)."""
     from kd.device import choose_precision
     from kd.runner import changed_setting
 
-    if not ((folder / "metrics.json").is_file() and (folder / "run_config.json").is_file()):
+    if not all((folder / name).is_file() for name in ("metrics.json", "run_config.json", "history.jsonl")):
         return None, "no finished run there"
     resolved = json.loads((folder / "run_config.json").read_text())
     settings = {**resolved["train"], **(resolved.get("distill") or {})}
-    point = {name: settings.get(name) for name in space}
+    missing = [name for name in space if settings.get(name) is None]
+    if missing:
+        return None, f"it has no {missing[0]} setting (a run of another method?)"
+    point = {name: settings[name] for name in space}
     shown = ", ".join(f"{name}={value}" for name, value in point.items())
     if grid is not None and point not in grid_points(grid):
         return None, f"its {shown} is not a point of the grid"
@@ -164,12 +168,12 @@ def reusable_point(folder: Path, method: str, space: Dict[str, tuple], grid: Opt
     cfg, distill, run = parse(parser, trial_argv(method, training_args, point, folder))
     trial = {"train": dataclasses.asdict(cfg), "run": {"dataset": run.dataset}, "method": distill.mode if distill else "supervised",
              **({"distill": dataclasses.asdict(distill), "teacher": run.teacher} if distill else {"role": "student"})}
-    changed = changed_setting(resolved, trial)
+    changed = changed_setting(resolved, trial, may_change=())  # grad_accum too: it changes BatchNorm's batches
+    # a trial trains in this process (or in each of accelerate's), with the precision picked here
+    here = {"num_processes": int(os.environ.get("WORLD_SIZE", "1")), "mixed_precision": choose_precision(run.mixed_precision, warn=lambda line: None).mode}
+    changed = changed or next(((key, resolved.get(key), value) for key, value in here.items() if resolved.get(key) != value), None)
     if changed:
         return None, f"it trained with {changed[0]}={changed[1]!r}, a trial of this search would with {changed[2]!r}"
-    precision = choose_precision(run.mixed_precision, warn=lambda line: None).mode
-    if resolved.get("mixed_precision") != precision:
-        return None, f"it trained in mixed precision {resolved.get('mixed_precision')!r}, a trial here would in {precision!r}"
     return point, ""
 
 

@@ -24,10 +24,10 @@ def run_tune(*args) -> subprocess.CompletedProcess:
     return result
 
 
-def load_study(folder):
+def load_study(folder, method="supervised"):
     import optuna
 
-    return optuna.load_study(study_name="supervised", storage=f"sqlite:///{folder / 'study.db'}")
+    return optuna.load_study(study_name=method, storage=f"sqlite:///{folder / 'study.db'}")
 
 
 def test_search_writes_preset_and_resumes_after_a_kill(tiny_dataset, tmp_path):
@@ -89,42 +89,89 @@ def test_grid_tries_each_point_in_order_and_resumes_an_interrupted_one(tiny_data
     assert len(load_study(out).trials) == 5
 
 
-def test_a_finished_run_of_a_point_is_taken_as_its_trial_not_trained_again(tiny_dataset, tmp_path):
+REUSE_FLAGS = [*TUNE_FLAGS, "--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def default_run(tiny_dataset, tmp_path_factory):
+    """A finished student run at lr 0.05 (TUNE_FLAGS), seed 0: the point lr=0.05 of a search with the same flags."""
+    out = tmp_path_factory.mktemp("reuse") / "default"
+    cli.train("student", ["--dataset", str(tiny_dataset), *REUSE_FLAGS, "--report-to", "none", "--output-dir", str(out)])
+    return out
+
+
+def copy_as_if(run, folder, **changes):
+    """`run`'s folder copied to `folder`, its run_config.json saying it trained otherwise: SECTION__KEY=value."""
+    import shutil
+
+    shutil.copytree(run, folder)
+    resolved = read_json(run / "run_config.json")
+    for name, value in changes.items():
+        section, _, key = name.rpartition("__")
+        (resolved[section] if section else resolved)[key] = value
+    (folder / "run_config.json").write_text(json.dumps(resolved))
+    return folder
+
+
+def test_a_finished_run_of_a_point_is_taken_as_its_trial_not_trained_again(default_run, tiny_dataset, tmp_path):
     """The leaderboard's default run on the search's seed is its method's default point: kd.tune
     takes it as that point's trial. A trial of the same point, trained, scores the same bit for
     bit on CPU; a run that learned anything differently is not taken, and says why."""
-    import shutil
-
-    flags = ["--dataset", str(tiny_dataset), *TUNE_FLAGS, "--epochs", "2"]
-    default = tmp_path / "runs" / "default"
-    cli.train("student", [*flags, "--report-to", "none", "--output-dir", str(default)])  # lr 0.05 (TUNE_FLAGS), seed 0
-    unlike = {"seed1": ("train", "seed", 1), "off-grid": ("train", "lr", 0.1), "bf16": (None, "mixed_precision", "bf16")}
-    for name, (section, key, value) in unlike.items():  # the same run, as if it had been trained otherwise
-        shutil.copytree(default, tmp_path / "runs" / name)
-        resolved = read_json(default / "run_config.json")
-        (resolved[section] if section else resolved)[key] = value
-        (tmp_path / "runs" / name / "run_config.json").write_text(json.dumps(resolved))
-    others = [tmp_path / "runs" / name for name in (*unlike, "missing")]
+    flags = ["--dataset", str(tiny_dataset), *REUSE_FLAGS]
+    unlike = [copy_as_if(default_run, tmp_path / "seed1", train__seed=1), copy_as_if(default_run, tmp_path / "off-grid", train__lr=0.1),
+              copy_as_if(default_run, tmp_path / "bf16", mixed_precision="bf16"), copy_as_if(default_run, tmp_path / "accum", train__grad_accum=2),
+              copy_as_if(default_run, tmp_path / "two", num_processes=2), tmp_path / "missing"]
     out = tmp_path / "tune"
-    result = run_tune("--method", "supervised", "--grid", "lr=0.05,0.2", "--output-dir", out, *flags, "--reuse-runs", default, *others)
-    kept = read_json(default / "metrics.json")["val"]["f1_macro"]
-    assert f"trial 0: lr=0.05 -> val f1_macro {kept:.4f} (best so far {kept:.4f}) (reused: {default})" in result.stdout
-    assert f"not reused: {others[0]}: it trained with seed=1, a trial of this search would with 0" in result.stdout
-    assert f"not reused: {others[1]}: its lr=0.1 is not a point of the grid" in result.stdout
-    assert f"not reused: {others[2]}: it trained in mixed precision 'bf16', a trial here would in 'no'" in result.stdout
-    assert f"not reused: {others[3]}: no finished run there" in result.stdout
+    result = run_tune("--method", "supervised", "--grid", "lr=0.05,0.2", "--output-dir", out, *flags, "--reuse-runs", default_run, *unlike)
+    kept = read_json(default_run / "metrics.json")["val"]["f1_macro"]
+    assert f"trial 0: lr=0.05 -> val f1_macro {kept:.4f} (best so far {kept:.4f}) (reused: {default_run})" in result.stdout
+    whys = ["it trained with seed=1, a trial of this search would with 0", "its lr=0.1 is not a point of the grid",
+            "it trained with mixed_precision='bf16', a trial of this search would with 'no'",
+            "it trained with grad_accum=2, a trial of this search would with 1",  # the same global batch, other BatchNorm batches
+            "it trained with num_processes=2, a trial of this search would with 1", "no finished run there"]
+    for folder, why in zip(unlike, whys):
+        assert f"not reused: {folder}: {why}\n" in result.stdout
     assert "1 of 2 trials done, running 1" in result.stdout  # only lr=0.2 is trained
     reused, trained = load_study(out).trials
     assert (reused.params, trained.params) == ({"lr": 0.05}, {"lr": 0.2})
-    history = [json.loads(line) for line in (default / "history.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (default_run / "history.jsonl").read_text().splitlines()]
     assert reused.value == kept and reused.intermediate_values == {r["epoch"]: r["val_f1_macro"] for r in history}  # the pruner's view
-    assert reused.user_attrs["run_dir"] == str(default) and sorted(p.name for p in (out / "trials").iterdir()) == ["001"]
+    assert reused.user_attrs["run_dir"] == str(default_run) and sorted(p.name for p in (out / "trials").iterdir()) == ["001"]
     assert read_json(out / "tune.json")["reused"] == 1 and read_json(out / "tune.json")["trials"] == 2
     # the same point trained as a trial: the same scores, epoch by epoch, so the search decides as if it had trained it
     alone = run_tune("--method", "supervised", "--grid", "lr=0.05", "--output-dir", tmp_path / "alone", *flags)
     assert "reused" not in alone.stdout
     (trial,) = load_study(tmp_path / "alone").trials
     assert (trial.value, trial.intermediate_values) == (reused.value, reused.intermediate_values)
+
+
+def test_reused_runs_count_toward_the_budget_and_a_held_point_is_not_taken_twice(default_run, tiny_dataset, tmp_path, capsys):
+    at_02 = copy_as_if(default_run, tmp_path / "lr0.2", train__lr=0.2)  # as if trained at the grid's other point
+    search = ["--method", "supervised", "--grid", "lr=0.05,0.2", "--output-dir", str(tmp_path / "tune"), "--dataset", str(tiny_dataset), *REUSE_FLAGS]
+    tune.main([*search, "--trials", "1", "--reuse-runs", str(default_run), str(at_02)])
+    first = capsys.readouterr().out
+    assert f"not reused: {at_02}: the trial budget is spent" in first and "running" not in first  # nothing trained
+    tune.main([*search, "--trials", "2", "--reuse-runs", str(default_run), str(at_02)])
+    second = capsys.readouterr().out
+    assert f"not reused: {default_run}: a trial of this search holds its point already" in second and f"(reused: {at_02})" in second
+    assert [t.params for t in load_study(tmp_path / "tune").trials] == [{"lr": 0.05}, {"lr": 0.2}] and not (tmp_path / "tune" / "trials").exists()
+    tune.main([*search, "--trials", "2", "--reuse-runs", str(default_run)])  # the budget is reached: nothing to take
+    assert "reused:" not in capsys.readouterr().out  # neither "(reused: ..." nor "not reused: ..."
+
+
+def test_a_distillation_run_is_reused_only_with_its_teacher_and_switches(tiny_dataset, tiny_teacher, tmp_path, capsys):
+    flags = ["--dataset", str(tiny_dataset), *REUSE_FLAGS, "--teacher", str(tiny_teacher)]
+    run = tmp_path / "logits"
+    cli.distill([*flags, "--mode", "logits", "--report-to", "none", "--output-dir", str(run)])  # T 4, the grid's first point
+    other_teacher = copy_as_if(run, tmp_path / "other-teacher", teacher=str(tmp_path / "elsewhere"))
+    standardised = copy_as_if(run, tmp_path / "ls", distill__logit_standardization=True)  # the leaderboard's logits-ls row
+    tune.main(["--method", "logits", "--grid", "temperature=4,8", "--trials", "1", "--output-dir", str(tmp_path / "tune"), *flags,
+               "--reuse-runs", str(other_teacher), str(standardised), str(run)])
+    out = capsys.readouterr().out
+    assert f"not reused: {other_teacher}: it trained with teacher='{tmp_path / 'elsewhere'}', a trial of this search would with '{tiny_teacher}'" in out
+    assert f"not reused: {standardised}: it trained with logit_standardization=True, a trial of this search would with False" in out
+    assert f"(reused: {run})" in out and "running" not in out
+    assert load_study(tmp_path / "tune", "logits").trials[0].params == {"temperature": 4.0}
 
 
 def test_epoch_callback_sees_each_record_and_can_stop_the_run(tiny_dataset, tmp_path):
