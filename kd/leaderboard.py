@@ -33,6 +33,7 @@ from kd.distillers import DISTILLERS
 from kd.engine import format_duration
 from kd.errors import RunError, UsageError, main_guard
 from kd.export import write_text_atomic
+from kd.record import Recording
 from kd.scheduler import Job, execute
 from kd.tune import SUPERVISED, declared_grid, grid_points, grid_specs, methods
 
@@ -278,6 +279,9 @@ def build_parser() -> Parser:
     run.add_argument("--modes", nargs="+", help=f"methods (default: all: {' '.join(all_modes())}; variants are run with defaults only)")
     run.add_argument("--parallel", type=int, help="trainings at a time (default: the budget's)")
     run.add_argument("--dry-run", action="store_true", help="print the plan (run / resume / redo / skip / out / busy per run) and stop")
+    run.add_argument("--record", help="a folder to keep in git (kd.record): every finished run's and search's small files are saved "
+                     "there as they finish, and restored from it into --out where missing (those that need the teacher once "
+                     "the teacher here has the record's weights)")
     return parser
 
 
@@ -307,11 +311,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if foreign:
         print(f"note: the leaderboard counts every run under {out / 'runs'}, and no plan holds "
               f"{', '.join(str(path.relative_to(out / 'runs')) for path in foreign)}: move it out of there to leave it out", flush=True)
+    keeping = Recording(Path(args.record), out) if args.record and not args.dry_run else None
+    if keeping:
+        keeping.restore()
+        keeping.save()  # what this folder had before this invocation, in case it is stopped before a job finishes
+    elif args.record:
+        print(f"note: a dry run restores nothing from {args.record}: the plan shows {out} as it is", flush=True)
     print_plan(jobs)
     if args.dry_run:
         return
     began, parallel = time.monotonic(), args.parallel or budget.parallel
-    failed, finished = execute(jobs, parallel, budget.threads, budget.gpu_per_run)
+    failed, finished = execute(jobs, parallel, budget.threads, budget.gpu_per_run, on_done=keeping and keeping.save,
+                               before=keeping and keeping.before)
+    if keeping:
+        keeping.save()
     print(f"driver: {finished} jobs finished, {len(failed)} failed or skipped, in {format_duration(time.monotonic() - began)} "
           f"({parallel} at a time)", flush=True)
     write_leaderboard(out, [mode for mode in modes if mode not in VARIANTS], searched_only=trials == 0, parallel=parallel)

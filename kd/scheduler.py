@@ -120,14 +120,17 @@ def start(job: Job, slot: int, threads: Optional[int], gpu_per_run: bool) -> Opt
         return subprocess.Popen(job.argv(), stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(lock.fileno(),) if lock else ())
 
 
-def execute(jobs: Sequence[Job], parallel: int, threads: Optional[int] = None, gpu_per_run: bool = False) -> Tuple[List[str], int]:
+def execute(jobs: Sequence[Job], parallel: int, threads: Optional[int] = None, gpu_per_run: bool = False,
+            on_done: Optional[Callable[[Job], None]] = None, before: Optional[Callable[[Job], None]] = None) -> Tuple[List[str], int]:
     """Run the jobs not done yet, `parallel` at a time (each with `threads` torch threads; with
     `gpu_per_run`, slot i on GPU i), each once its needs are done; a failure skips what needs it
     and the rest goes on. A done job whose needs are still to run waits too: a search that goes
     on may outdate it. A job with a gate is judged once its needs and `after` have settled; one
     it leaves out is said so and not run. A job another process holds waits for it (said once)
-    and is skipped if that process finished it. Returns (the names that
-    failed or were skipped, the number of jobs that ran and finished)."""
+    and is skipped if that process finished it. `on_done(job)` is called as each job finishes,
+    before any other starts; `before(job)` as a job's turn comes, before it is looked at (it may
+    finish the job, e.g. from a record). Returns (the names that failed or were skipped, the
+    number of jobs that ran and finished)."""
     pending = {job.name for job in jobs if not job.done()}
     waiting = [job for job in jobs if job.name in pending or pending & set(job.needs)]
     running: Dict[int, tuple] = {}  # slot -> (job, process, start time)
@@ -143,6 +146,8 @@ def execute(jobs: Sequence[Job], parallel: int, threads: Optional[int] = None, g
             print(f"{'done' if ok else 'FAILED'} {job.name}: {time.monotonic() - began:.0f} s" + ("" if ok else f" (see {job.out}.log)"), flush=True)
             if not ok:
                 failed.append(job.name)
+            elif on_done is not None:
+                on_done(job)
             finished += ok
         blocked = [job for job in waiting if any(need in failed for need in job.needs)]
         for job in blocked:
@@ -156,6 +161,8 @@ def execute(jobs: Sequence[Job], parallel: int, threads: Optional[int] = None, g
         free = [slot for slot in range(parallel) if slot not in running]
         while free and ready:
             job = ready.pop(0)
+            if before is not None:
+                before(job)
             if job.done():  # still made with its search's best point, or finished by another driver
                 waiting.remove(job)
                 continue

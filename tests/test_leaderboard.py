@@ -359,10 +359,13 @@ def test_without_flock_runs_go_on_unlocked(tmp_path, monkeypatch):
 
 def test_the_whole_driver_on_a_tiny_dataset(tiny_dataset, tmp_path):
     """Teacher, baseline, two methods with their defaults, both searched on their grids, tuned runs
-    for the one tuning moved most; then the same command again trains nothing."""
-    out = tmp_path / "lb"
+    for the one tuning moved most; then the same command again trains nothing; then on a new
+    machine (a fresh folder), its record gives back everything but the teacher, trained again to
+    the same weights."""
+    out, recorded = tmp_path / "lb", tmp_path / "record"
     command = [sys.executable, "-m", "kd.leaderboard", "run", "--dataset", str(tiny_dataset), "--out", str(out), "--budget", "cpu",
-               "--seeds", "1", "--modes", "logits", "dkd", "--tuned-top", "1", "--epochs", "1", "--batch-size", "32", "--val-size", "32"]
+               "--seeds", "1", "--modes", "logits", "dkd", "--tuned-top", "1", "--epochs", "1", "--batch-size", "32", "--val-size", "32",
+               "--record", str(recorded)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -396,3 +399,15 @@ def test_the_whole_driver_on_a_tiny_dataset(tiny_dataset, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "driver: 0 jobs finished, 0 failed or skipped" in again.stdout
     assert [line for line in again.stdout.splitlines() if line.startswith("plan: ")] == ["plan: 0 to run, 0 to resume, 8 done, 1 left out (--tuned-top)"]
+    assert not list(recorded.rglob("model.safetensors")) and not list(recorded.rglob("checkpoint"))  # small files only
+    fresh = tmp_path / "new-machine"
+    elsewhere = subprocess.run([*command[:command.index("--out") + 1], str(fresh), *command[command.index("--out") + 2:]],
+                               capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert elsewhere.returncode == 0, elsewhere.stdout[-3000:] + elsewhere.stderr[-3000:]
+    assert f"record: restored 2 runs and searches from {recorded} into {fresh}" in elsewhere.stdout  # the student's and the plain loop's
+    assert "note: 5 runs and searches of" in elsewhere.stdout and "there is no teacher here yet" in elsewhere.stdout
+    assert "driver: 1 jobs finished, 0 failed or skipped" in elsewhere.stdout  # the teacher, trained again...
+    assert all(f"record: restored {name} from {recorded}" in elsewhere.stdout for name in ("tune/logits", "runs/dkd/default/s0"))
+    assert (fresh / "runs" / "teacher" / "model.safetensors").read_bytes() == (out / "runs" / "teacher" / "model.safetensors").read_bytes()
+    rows = lambda text: [line for line in text.splitlines() if line.startswith("| distill ") or line.startswith("| student ")]  # noqa: E731
+    assert rows((fresh / "leaderboard.md").read_text()) == rows(board) and len(rows(board)) == 4  # ...and every row as it was
