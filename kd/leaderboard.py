@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from kd import config
 from kd.cli import ROLES
 from kd.config import Parser
-from kd.device import choose_precision
+from kd.device import choose_precision, cpu_name
 from kd.distillers import DISTILLERS
 from kd.engine import format_duration
 from kd.errors import RunError, UsageError, main_guard
@@ -241,6 +241,16 @@ def print_plan(jobs: Sequence[Job]) -> None:
     print(f"plan: {counts['run']} to run, {counts['resume']} to resume{redo}, {counts['skip']} done{out}{busy}")
 
 
+def made_with(args, extra: Sequence[str]) -> Dict:
+    """What a record's runs must share with this driver's to be taken as its own: the budget, the
+    data set, the flags for every run, and the machine (its precision and the device's name)."""
+    import torch
+
+    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()
+    precision = choose_precision(None, warn=lambda line: None, launcher_argv=None, script="train_student.py").label
+    return {"budget": args.budget, "dataset": args.dataset, "flags": list(extra), "precision": precision, "machine": machine}
+
+
 def all_modes() -> List[str]:
     return [SUPERVISED, *DISTILLERS, *VARIANTS]
 
@@ -311,7 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if foreign:
         print(f"note: the leaderboard counts every run under {out / 'runs'}, and no plan holds "
               f"{', '.join(str(path.relative_to(out / 'runs')) for path in foreign)}: move it out of there to leave it out", flush=True)
-    keeping = Recording(Path(args.record), out) if args.record and not args.dry_run else None
+    keeping = Recording(Path(args.record), out, made_with(args, extra)) if args.record and not args.dry_run else None
     if keeping:
         keeping.restore()
         keeping.save()  # what this folder had before this invocation, in case it is stopped before a job finishes

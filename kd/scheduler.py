@@ -128,8 +128,8 @@ def execute(jobs: Sequence[Job], parallel: int, threads: Optional[int] = None, g
     on may outdate it. A job with a gate is judged once its needs and `after` have settled; one
     it leaves out is said so and not run. A job another process holds waits for it (said once)
     and is skipped if that process finished it. `on_done(job)` is called as each job finishes,
-    before any other starts; `before(job)` as a job's turn comes, before it is looked at (it may
-    finish the job, e.g. from a record). Returns (the names that failed or were skipped, the
+    before any other starts; `before(job)` as a job's turn comes, unless another process holds
+    it, before it is looked at (it may finish the job, e.g. from a record). Returns (the names that failed or were skipped, the
     number of jobs that ran and finished)."""
     pending = {job.name for job in jobs if not job.done()}
     waiting = [job for job in jobs if job.name in pending or pending & set(job.needs)]
@@ -161,12 +161,12 @@ def execute(jobs: Sequence[Job], parallel: int, threads: Optional[int] = None, g
         free = [slot for slot in range(parallel) if slot not in running]
         while free and ready:
             job = ready.pop(0)
-            if before is not None:
+            held = job.busy()
+            if before is not None and not held:  # never into a folder another process writes
                 before(job)
             if job.done():  # still made with its search's best point, or finished by another driver
                 waiting.remove(job)
                 continue
-            held = job.busy()
             reason = job.gate() if job.gate and not held else None
             if reason:
                 waiting.remove(job)

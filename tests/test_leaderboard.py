@@ -327,7 +327,11 @@ def test_a_run_another_driver_trains_is_waited_for_not_trained_twice(tmp_path, c
     leaderboard.print_plan([held, free])
     plan = capsys.readouterr().out.splitlines()
     assert plan[0].startswith("busy   held ") and plan[-1] == "plan: 1 to run, 0 to resume, 0 done, 1 busy (another process trains them; waited for)"
-    assert scheduler.execute([held, free], parallel=1) == ([], 1)  # free ran in the one slot meanwhile; held was finished by the other
+    looked_at, finished_here = [], []
+    assert scheduler.execute([held, free], parallel=1, before=lambda job: looked_at.append((job.name, job.busy())),
+                             on_done=lambda job: finished_here.append(job.name)) == ([], 1)  # free ran in the one slot meanwhile; held was finished by the other
+    assert finished_here == ["free"] and ("free", False) in looked_at
+    assert not any(busy for _, busy in looked_at)  # nothing is restored into a folder another process writes
     assert other.wait() == 0 and not log.exists()  # held's own command never started
     assert (free.out / "metrics.json").read_text() == "held"  # the run holds its lock while it lives...
     assert not free.busy() and not held.busy()  # ...and lets go when it exits
@@ -400,14 +404,13 @@ def test_the_whole_driver_on_a_tiny_dataset(tiny_dataset, tmp_path):
     assert "driver: 0 jobs finished, 0 failed or skipped" in again.stdout
     assert [line for line in again.stdout.splitlines() if line.startswith("plan: ")] == ["plan: 0 to run, 0 to resume, 8 done, 1 left out (--tuned-top)"]
     assert not list(recorded.rglob("model.safetensors")) and not list(recorded.rglob("checkpoint"))  # small files only
-    fresh = tmp_path / "new-machine"
-    elsewhere = subprocess.run([*command[:command.index("--out") + 1], str(fresh), *command[command.index("--out") + 2:]],
-                               capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    first_machine = out.rename(tmp_path / "first-machine")  # a new machine: the same command, and none of its folders
+    elsewhere = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert elsewhere.returncode == 0, elsewhere.stdout[-3000:] + elsewhere.stderr[-3000:]
-    assert f"record: restored 2 runs and searches from {recorded} into {fresh}" in elsewhere.stdout  # the student's and the plain loop's
-    assert "note: 5 runs and searches of" in elsewhere.stdout and "there is no teacher here yet" in elsewhere.stdout
+    assert f"record: restored 2 runs and searches from {recorded} into {out}" in elsewhere.stdout  # the student's and the plain loop's
+    assert "that need the teacher are not restored: there is no teacher here yet" in elsewhere.stdout
     assert "driver: 1 jobs finished, 0 failed or skipped" in elsewhere.stdout  # the teacher, trained again...
     assert all(f"record: restored {name} from {recorded}" in elsewhere.stdout for name in ("tune/logits", "runs/dkd/default/s0"))
-    assert (fresh / "runs" / "teacher" / "model.safetensors").read_bytes() == (out / "runs" / "teacher" / "model.safetensors").read_bytes()
+    assert (out / "runs" / "teacher" / "model.safetensors").read_bytes() == (first_machine / "runs" / "teacher" / "model.safetensors").read_bytes()
     rows = lambda text: [line for line in text.splitlines() if line.startswith("| distill ") or line.startswith("| student ")]  # noqa: E731
-    assert rows((fresh / "leaderboard.md").read_text()) == rows(board) and len(rows(board)) == 4  # ...and every row as it was
+    assert rows((out / "leaderboard.md").read_text()) == rows(board) and len(rows(board)) == 4  # ...and every row as it was

@@ -6,6 +6,8 @@ import hashlib
 import json
 import sqlite3
 
+import pytest
+
 from kd import record
 
 
@@ -51,53 +53,82 @@ def files(root):
     return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
 
 
+MADE_WITH = {"budget": "cpu", "dataset": "d", "flags": [], "precision": "fp32", "machine": "cpu A"}
+
+
+def recording(kept, out, **made_with):
+    return record.Recording(kept, out, {**MADE_WITH, **made_with})
+
+
 def test_save_keeps_the_small_files_and_the_teachers_hash_never_weights(tmp_path):
     out, kept = leaderboard_folder(tmp_path / "lb"), tmp_path / "record"
-    assert record.save(out, kept) is None
+    recording(kept, out).save()
     small = ["history.jsonl", "metrics.json", "run_config.json"]
     search_files = ["best.yaml", "study.db", "trials/000/history.jsonl", "tune.json"]
     assert files(kept) == sorted([*(f"runs/{row}/default/s0/{name}" for row in ("logits", "student") for name in small),
-                                  "runs/teacher/metrics.json", "runs/teacher/model.safetensors.sha256",
+                                  "runs/teacher/metrics.json", "runs/teacher/model.safetensors.sha256", "driver.json",
                                   "plain/s0/history.jsonl", "plain/s0/metrics.json",
                                   *(f"tune/{row}/{name}" for row in ("logits", "student") for name in search_files)])
     assert (kept / "runs/teacher/model.safetensors.sha256").read_text() == hashlib.sha256(b"teacher weights").hexdigest() + "\n"
+    assert json.loads((kept / "driver.json").read_text()) == MADE_WITH
     with sqlite3.connect(kept / "tune/logits/study.db") as study:  # a working copy of the study
         assert study.execute("select number from trials").fetchall() == [(0,)]
 
 
-def test_restore_brings_back_what_needs_no_teacher_and_the_rest_only_with_the_same_teacher(tmp_path):
+def test_restore_brings_back_what_needs_no_teacher_and_the_rest_only_with_the_same_teacher(tmp_path, capsys):
     kept = tmp_path / "record"
-    record.save(leaderboard_folder(tmp_path / "lb"), kept)
+    recording(kept, leaderboard_folder(tmp_path / "lb")).save()
     fresh = tmp_path / "new-machine"
-    restored, held_back, why = record.restore(kept, fresh)
-    assert sorted(map(str, restored)) == ["plain/s0", "runs/student/default/s0", "tune/student"]
-    assert held_back == 2 and "there is no teacher here yet" in why
-    assert not (fresh / "runs" / "teacher").exists()  # the teacher is trained here again, never restored
+    (fresh / "plain" / "s0").mkdir(parents=True)  # a folder here, finished or not, always wins
+    restored = recording(kept, fresh).restore()
+    assert sorted(map(str, restored)) == ["runs/student/default/s0", "tune/student"]
+    assert "need the teacher are not restored: there is no teacher here yet" in capsys.readouterr().out
+    assert not (fresh / "runs" / "teacher").exists() and not list((fresh / "plain" / "s0").iterdir())
     write(fresh / "runs" / "teacher" / "metrics.json")
     write(fresh / "runs" / "teacher" / "model.safetensors", "teacher weights")  # trained again: the same weights
-    write(fresh / "runs" / "student" / "default" / "s0" / "metrics.json", '{"here": 1}')  # the local copy wins
-    assert record.restore(kept, fresh, only=record.Path("tune/logits"))[0] == [record.Path("tune/logits")]
-    restored, held_back, why = record.restore(kept, fresh)
-    assert list(map(str, restored)) == ["runs/logits/default/s0"] and held_back == 0
-    assert json.loads((fresh / "runs/student/default/s0/metrics.json").read_text()) == {"here": 1}
+    again = recording(kept, fresh)
+    assert again.restore(only=record.Path("tune/logits")) == [record.Path("tune/logits")]
+    assert again.restore() == [record.Path("runs/logits/default/s0")] and "not restored" not in capsys.readouterr().out
     assert (fresh / "tune/logits/study.db").is_file() and (fresh / "tune/logits/trials/000/history.jsonl").is_file()
 
 
-def test_another_teacher_gets_nothing_of_the_record_and_adds_nothing_to_it(tmp_path):
+def test_another_teacher_gets_nothing_of_the_record_and_adds_nothing_to_it(tmp_path, capsys):
     kept = tmp_path / "record"
-    record.save(leaderboard_folder(tmp_path / "lb"), kept)
+    recording(kept, leaderboard_folder(tmp_path / "lb")).save()
     before = {name: (kept / name).read_bytes() for name in files(kept)}
     other = leaderboard_folder(tmp_path / "other", weights="other weights")
     run(other / "runs" / "dkd" / "default" / "s0", teacher="t")
-    (other / "runs" / "student" / "default" / "s0" / "metrics.json").write_text('{"other": 1}')
-    note = record.save(other, kept)
-    assert note.startswith(f"3 runs and searches of {other} not saved in {kept}: it holds the runs of another teacher")
-    assert not (kept / "runs" / "dkd").exists()
-    assert json.loads((kept / "runs/student/default/s0/metrics.json").read_text()) == {"other": 1}  # needs no teacher: the newer one
-    assert all((kept / name).read_bytes() == data for name, data in before.items() if "student" not in name)
+    recording(kept, other).save()
+    assert "the teacher here is not the record's" in capsys.readouterr().out
+    assert {name: (kept / name).read_bytes() for name in files(kept)} == before  # not even its baseline
     fresh = tmp_path / "new-machine"
     write(fresh / "runs" / "teacher" / "metrics.json")
     write(fresh / "runs" / "teacher" / "model.safetensors", "other weights")
-    restored, held_back, why = record.restore(kept, fresh)
-    assert sorted(map(str, restored)) == ["plain/s0", "runs/student/default/s0", "tune/student"] and held_back == 2
-    assert why.startswith("the teacher here is not the record's") and why.endswith("they train here again")
+    restored = recording(kept, fresh).restore()
+    assert sorted(map(str, restored)) == ["plain/s0", "runs/student/default/s0", "tune/student"]
+    assert "its runs train here again" in capsys.readouterr().out
+
+
+def test_a_record_made_otherwise_is_refused_in_one_line(tmp_path):
+    kept = tmp_path / "record"
+    recording(kept, leaderboard_folder(tmp_path / "lb")).save()
+    for key, value in (("machine", "cpu B"), ("precision", "bf16"), ("flags", ["--epochs", "1"]), ("budget", "gpu")):
+        with pytest.raises(record.UsageError, match=rf"^the record {kept} was made with {key} .*: give it another --record folder$"):
+            recording(kept, tmp_path / "elsewhere", **{key: value})
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_copy_cut_short_is_never_a_finished_run(tmp_path, monkeypatch):
+    kept = tmp_path / "record"
+    recording(kept, leaderboard_folder(tmp_path / "lb")).save()
+    copied = []
+
+    def copy_then_die(source, target):
+        if source.name == "metrics.json":
+            raise KeyboardInterrupt  # killed before the file that marks the run done
+        copied.append(source.name)
+
+    monkeypatch.setattr(record, "_copy_file", copy_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        recording(kept, tmp_path / "fresh").restore(only=record.Path("runs/student/default/s0"))
+    assert copied == ["run_config.json", "history.jsonl"] and not (tmp_path / "fresh/runs/student/default/s0/metrics.json").exists()
