@@ -2,7 +2,7 @@
 distillation method with its paper defaults and tuned on validation (kd.tune), over seeds.
 
     python -m kd.leaderboard run --dataset PATH --out DIR --budget cpu [--seeds 3] [--trials N|grid] [--tuned-top K|all]
-        [--modes ...] [--dry-run]
+        [--modes ...] [--record DIR] [--dry-run]
 
 Flags it does not know go to every training and search (e.g. --epochs 1 for a smoke test).
 Beside each seed of the student baseline, scripts/plain_loop.py trains the same model at the
@@ -12,7 +12,8 @@ continued, and a tuned run no longer trained with its search's best point redone
 trainings run at a time. At the end, DIR/leaderboard.md and .png
 (`python -m kd.report DIR/runs --leaderboard`), then a table of the searches and their trials,
 then the plain-loop comparison, then the compute behind the folders (epochs' wall time summed
-over runs and trials)."""
+over runs and trials). With --record DIR, every finished run's and search's small files are kept
+in DIR, a folder to commit, and restored from it on a new machine (kd.record)."""
 
 import argparse
 import contextlib

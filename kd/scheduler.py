@@ -129,8 +129,8 @@ def execute(jobs: Sequence[Job], parallel: int, threads: Optional[int] = None, g
     it leaves out is said so and not run. A job another process holds waits for it (said once)
     and is skipped if that process finished it. `on_done(job)` is called as each job finishes,
     before any other starts; `before(job)` as a job's turn comes, unless another process holds
-    it, before it is looked at (it may finish the job, e.g. from a record). Returns (the names that failed or were skipped, the
-    number of jobs that ran and finished)."""
+    it, before it is looked at (it may finish the job, e.g. from a record). Returns (the names
+    that failed or were skipped, the number of jobs that ran and finished)."""
     pending = {job.name for job in jobs if not job.done()}
     waiting = [job for job in jobs if job.name in pending or pending & set(job.needs)]
     running: Dict[int, tuple] = {}  # slot -> (job, process, start time)
