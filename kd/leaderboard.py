@@ -332,8 +332,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.dry_run:
         return
     began, parallel = time.monotonic(), args.parallel or budget.parallel
-    failed, finished = execute(jobs, parallel, budget.threads, budget.gpu_per_run, on_done=keeping and keeping.save,
-                               before=keeping and keeping.before)
+    hooks = {"on_done": lambda job: keeping.save(), "before": keeping.before} if keeping else {}
+    failed, finished = execute(jobs, parallel, budget.threads, budget.gpu_per_run, **hooks)
     if keeping:
         keeping.save()
     print(f"driver: {finished} jobs finished, {len(failed)} failed or skipped, in {format_duration(time.monotonic() - began)} "

@@ -92,10 +92,10 @@ def copy_item(source: Path, target: Path, folder: Path) -> None:
     marks it done last, so that a copy cut short is never taken for a finished one."""
     origin, copy = source / folder, target / folder
     copy.mkdir(parents=True, exist_ok=True)
-    if (origin / "study.db").is_file():
-        for trial in sorted((origin / "trials").glob("*/history.jsonl")):  # finished or pruned trials: what the compute line counts
-            copy_item(source, target, trial.parent.relative_to(source))
-    for name in SEARCH_FILES if (origin / "study.db").is_file() else RUN_FILES:
+    search = (origin / "study.db").is_file()
+    for trial in sorted((origin / "trials").glob("*/history.jsonl")) if search else []:  # finished or pruned trials: what the compute line counts
+        copy_item(source, target, trial.parent.relative_to(source))
+    for name in SEARCH_FILES if search else RUN_FILES:
         if (origin / name).is_file():
             _copy_file(origin / name, copy / name)
 
@@ -145,10 +145,9 @@ class Recording:
                 continue
             copy_item(self.record, self.out, folder)
             restored.append(folder)
-        if only is None and restored:
-            print(f"record: restored {len(restored)} runs and searches from {self.record} into {self.out}", flush=True)
-        for folder in restored if only is not None else []:
-            print(f"record: restored {folder} from {self.record}", flush=True)
+        if restored:
+            what = f"{len(restored)} runs and searches" if only is None else str(only)
+            print(f"record: restored {what} from {self.record}" + (f" into {self.out}" if only is None else ""), flush=True)
         if held_back:
             self.note(f"the runs and searches of {self.record} that need the teacher are not restored: {why}")
         return restored
@@ -156,9 +155,9 @@ class Recording:
     def before(self, job) -> None:
         self.restore(Path(job.out).relative_to(self.out))
 
-    def save(self, job=None) -> None:
+    def save(self) -> None:
         """Copy into the record every item here (also those another driver on this folder
-        finished; `job`, the one that just finished, is among them), with the teacher's small
+        finished), with the teacher's small
         files and weights' sha256 when the record has none, and driver.json; nothing at all while
         the teacher here is not the record's, so that a record never mixes two teachers' runs, nor
         a second teacher's baseline beside the first's. A few kB a run: cheap beside any job."""
