@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO, read_json
-from kd import leaderboard, scheduler
+from kd import experiment, leaderboard, scheduler
 from kd.distillers import DISTILLERS, Distiller
 from kd.distillers.dkd import DKD
 
@@ -41,7 +41,7 @@ def test_dry_run_plans_every_method_and_skips_what_is_done(tmp_path, capsys, mon
     plan, summary = plan_lines(capsys, tmp_path, "--seeds", "2", "--trials", "3")
     methods = ["student", *DISTILLERS]
     expected = ["teacher"] + [f"{m}/{kind}" for m in methods for kind in ("default/s0", "default/s1", "tune", "tuned/s1", "tuned/s2")]
-    expected += [f"{v}/default/s{seed}" for v in leaderboard.VARIANTS for seed in (0, 1)]  # a switch's rows: defaults only
+    expected += [f"{v}/default/s{seed}" for v in experiment.VARIANTS for seed in (0, 1)]  # a switch's rows: defaults only
     assert sorted(plan) == sorted(expected)
     order = list(plan)  # seed by seed across the rows, then the searches
     assert order.index("at/default/s0") < order.index("student/default/s1") < order.index("logits-ls/default/s1") < order.index("student/tune")
@@ -120,7 +120,7 @@ def test_a_tuned_run_older_than_its_search_best_point_is_redone(tmp_path, capsys
 def test_tuned_rows_never_hold_the_trial_the_search_picked(tmp_path, capsys):
     root = tmp_path / "lb"
     plan, _ = plan_lines(capsys, tmp_path, "--seeds", "3", "--trials", "3", "--modes", "logits")
-    assert f"--seed {leaderboard.SEARCH_SEED} " in plan["logits/tune"] + " "
+    assert f"--seed {experiment.SEARCH_SEED} " in plan["logits/tune"] + " "
     tuned = sorted(name for name in plan if "/tuned/" in name)
     assert tuned == ["logits/tuned/s1", "logits/tuned/s2", "logits/tuned/s3"]
     assert all(f"--seed {name[-1]} " in plan[name] for name in tuned)
@@ -140,7 +140,7 @@ def test_tuned_rows_never_hold_the_trial_the_search_picked(tmp_path, capsys):
 def searched(root, name, best_val, default_val, trials=3):
     (root / "tune" / name).mkdir(parents=True)
     (root / "tune" / name / "tune.json").write_text(json.dumps({"trials": trials, "best_params": {}, "best_val_f1_macro": best_val}))
-    default = root / "runs" / name / "default" / f"s{leaderboard.SEARCH_SEED}"
+    default = root / "runs" / name / "default" / f"s{experiment.SEARCH_SEED}"
     default.mkdir(parents=True)
     (default / "metrics.json").write_text(json.dumps({"val": {"f1_macro": default_val}}))
 
@@ -173,7 +173,7 @@ def test_tuned_top_runs_tuned_rows_for_the_methods_tuning_moved_most(tmp_path, c
     plan, _ = plan_lines(capsys, tmp_path, *modes, "--seeds", "2", "--tuned-top", "1")
     assert [plan[f"logits/tuned/s{seed}"].split()[0] for seed in (1, 2)] == ["skip", "run"]
     assert [plan[f"hidden/tuned/s{seed}"].split()[0] for seed in (1, 2)] == ["out", "out"]
-    jobs = {job.name: job for job in leaderboard.plan(root, leaderboard.BUDGETS["cpu"], "d", 1, 3, ["dkd", "hidden", "at"], [], tuned_top=1)}
+    jobs = {job.name: job for job in experiment.plan(root, experiment.BUDGETS["cpu"], "d", 1, 3, ["dkd", "hidden", "at"], [], tuned_top=1)}
     assert jobs["hidden/tuned/s1"].gate() == "tuning moved its validation F1 +0.0300, below the 1 it moved most (dkd +0.5500)"
     assert jobs["hidden/tuned/s1"].needs == ["hidden/tune"]  # its own search; the others' only to wait for
     assert jobs["hidden/tuned/s1"].after == ["dkd/tune", "dkd/default/s0", "hidden/tune", "hidden/default/s0", "at/tune", "at/default/s0"]
@@ -181,7 +181,7 @@ def test_tuned_top_runs_tuned_rows_for_the_methods_tuning_moved_most(tmp_path, c
     (root / "runs" / "dkd" / "default" / "s0" / "metrics.json").unlink()  # its default run failed: no gain, no place in the top 1
     assert jobs["dkd/tuned/s1"].gate() == "no gain to rank: its search or its default run on seed 0 did not finish"
     assert jobs["hidden/tuned/s1"].gate() is None and jobs["at/tuned/s1"].gate() is None  # at ties hidden's +0.03
-    jobs = leaderboard.plan(root, leaderboard.BUDGETS["cpu"], "d", 1, 3, ["dkd", "hidden"], [], tuned_top=2)
+    jobs = experiment.plan(root, experiment.BUDGETS["cpu"], "d", 1, 3, ["dkd", "hidden"], [], tuned_top=2)
     assert all(job.gate is None and not job.after for job in jobs if "/tuned/" in job.name)  # 2 of 2: nothing to choose
 
 
@@ -250,6 +250,22 @@ def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_a_dry_run_refuses_another_machines_record_as_the_run_would(tmp_path, capsys):
+    kept = tmp_path / "record"
+    kept.mkdir()
+    made_with = {"budget": "cpu", "dataset": "d", "flags": [], "precision": "fp32", "machine": "another CPU"}
+    (kept / "driver.json").write_text(json.dumps(made_with))
+    for dry in (["--dry-run"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            leaderboard.main(["run", "--dataset", "d", "--out", str(tmp_path / "lb"), "--budget", "cpu", "--record", str(kept), *dry])
+        assert exit_info.value.code == 2
+        captured = capsys.readouterr()
+        err = captured.err.splitlines()
+        assert len(err) == 1 and "was made with machine 'another CPU'" in err[0] and "give it another --record folder" in err[0], err
+        assert "plan:" not in captured.out  # refused before the plan, not after it
+    assert sorted(path.name for path in kept.iterdir()) == ["driver.json"] and not (tmp_path / "lb").exists()
 
 
 def test_the_plain_loop_trains_beside_each_baseline_seed_at_the_student_budget(tiny_dataset, tmp_path, capsys):
