@@ -201,7 +201,7 @@ def reuse_runs(study, method: str, space: Dict[str, tuple], grid: Optional[Dict]
         study.add_trial(optuna.trial.create_trial(
             params=point, distributions={name: distribution(*spec) for name, spec in space.items()}, value=metrics["val"]["f1_macro"],
             intermediate_values={record["epoch"]: record["val_f1_macro"] for record in history if "val_f1_macro" in record},
-            user_attrs={"run_dir": str(folder), "reused": True}))
+            user_attrs={"run_dir": str(folder), "reused": True, "preset": preset_of(folder)}))
         held.append(point)
         budget -= 1
         print(trial_line(study, study.trials[-1]) + f" (reused: {folder})", flush=True)
@@ -273,6 +273,7 @@ def make_objective(method: str, space: Dict[str, tuple], training_args: List[str
             metrics = train(trial_argv(method, training_args, values, run_dir), on_epoch_for(trial))
         except RunError as error:  # a diverging setting (non-finite loss) is a result, not a crash: prune it
             raise optuna.TrialPruned(str(error)) from error
+        trial.set_user_attr("preset", preset_of(run_dir))
         return metrics["val"]["f1_macro"]  # the kept weights' validation score; test is never read
 
     return objective
@@ -322,15 +323,24 @@ def trial_line(study, trial) -> str:
     return f"trial {trial.number}: {values} -> {trial.state.name.lower()}{where}"
 
 
-def write_preset(study, method: str, path: Path) -> Dict:
-    """The best trial's hyperparameters as a --config preset: its resolved train (and distill)
+def preset_of(run_dir: Path) -> Dict:
+    """A finished run's hyperparameters as a --config preset: its resolved train (and distill)
     settings, without the seed and the data sizes."""
+    resolved = json.loads((Path(run_dir) / "run_config.json").read_text())
+    return {**{k: v for k, v in resolved["train"].items() if k not in NOT_IN_PRESET}, **(resolved.get("distill") or {})}
+
+
+def write_preset(study, method: str, path: Path) -> Dict:
+    """The best trial's preset (`preset_of` its folder), which the study keeps beside the trial,
+    so that best.yaml does not need the folder (a reused trial's lies outside the search)."""
     import yaml
 
     best = study.best_trial
-    resolved = json.loads((Path(best.user_attrs["run_dir"]) / "run_config.json").read_text())
-    preset = {k: v for k, v in resolved["train"].items() if k not in NOT_IN_PRESET}
-    preset.update(resolved.get("distill") or {})
+    preset, folder = best.user_attrs.get("preset"), Path(best.user_attrs["run_dir"])
+    if preset is None and not (folder / "run_config.json").is_file():  # a study from before the preset was kept
+        raise UsageError(f"best.yaml is made from the best trial's run_config.json, and {folder} (trial {best.number}) "
+                         "no longer has one: put the folder back, or search again in a new --output-dir")
+    preset = preset if preset is not None else preset_of(folder)
     header = (f"# kd.tune: best of {len(finished(study))} trials for {method}, trial {best.number}, "
               f"validation macro F1 {best.value:.4f}\n# searched: {', '.join(best.params)}\n")
     write_text_atomic(path, header + yaml.safe_dump(preset, sort_keys=False))

@@ -3,6 +3,7 @@ a simulated kill; the per-epoch hook of the runner; one-line errors for bad inpu
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -102,8 +103,6 @@ def default_run(tiny_dataset, tmp_path_factory):
 
 def copy_as_if(run, folder, **changes):
     """`run`'s folder copied to `folder`, its run_config.json saying it trained otherwise: SECTION__KEY=value."""
-    import shutil
-
     shutil.copytree(run, folder)
     resolved = read_json(run / "run_config.json")
     for name, value in changes.items():
@@ -146,6 +145,7 @@ def test_a_finished_run_of_a_point_is_taken_as_its_trial_not_trained_again(defau
 
 
 def test_reused_runs_count_toward_the_budget_and_a_held_point_is_not_taken_twice(default_run, tiny_dataset, tmp_path, capsys):
+    default_run = copy_as_if(default_run, tmp_path / "default")  # moved away below
     at_02 = copy_as_if(default_run, tmp_path / "lr0.2", train__lr=0.2)  # as if trained at the grid's other point
     search = ["--method", "supervised", "--grid", "lr=0.05,0.2", "--output-dir", str(tmp_path / "tune"), "--dataset", str(tiny_dataset), *REUSE_FLAGS]
     tune.main([*search, "--trials", "1", "--reuse-runs", str(default_run), str(at_02)])
@@ -155,8 +155,27 @@ def test_reused_runs_count_toward_the_budget_and_a_held_point_is_not_taken_twice
     second = capsys.readouterr().out
     assert f"not reused: {default_run}: a trial of this search holds its point already" in second and f"(reused: {at_02})" in second
     assert [t.params for t in load_study(tmp_path / "tune").trials] == [{"lr": 0.05}, {"lr": 0.2}] and not (tmp_path / "tune" / "trials").exists()
+    best = (tmp_path / "tune" / "best.yaml").read_text()
+    assert "lr: 0.2\n" in best or "lr: 0.05\n" in best
+    shutil.move(default_run, tmp_path / "moved")  # the reused trials' folders lie outside the search: best.yaml needs neither
+    shutil.move(at_02, tmp_path / "moved-too")
+    (tmp_path / "tune" / "best.yaml").unlink()
     tune.main([*search, "--trials", "2", "--reuse-runs", str(default_run)])  # the budget is reached: nothing to take
     assert "reused:" not in capsys.readouterr().out  # neither "(reused: ..." nor "not reused: ..."
+    assert (tmp_path / "tune" / "best.yaml").read_text() == best
+
+
+def test_a_best_trial_whose_folder_is_gone_is_one_line(tmp_path):
+    """A study from before trials kept their preset makes best.yaml from the best trial's folder."""
+    import optuna
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(params={"lr": 0.1}, distributions={"lr": optuna.distributions.FloatDistribution(0.01, 1)},
+                                              value=0.5, user_attrs={"run_dir": str(tmp_path / "gone")}))
+    with pytest.raises(tune.UsageError, match=rf"^best.yaml is made from the best trial's run_config.json, and {tmp_path / 'gone'} "
+                                               r"\(trial 0\) no longer has one: put the folder back, or search again in a new --output-dir$"):
+        tune.write_preset(study, "supervised", tmp_path / "best.yaml")
+    assert not (tmp_path / "best.yaml").exists()
 
 
 def test_a_distillation_run_is_reused_only_with_its_teacher_and_switches(tiny_dataset, tiny_teacher, tmp_path, capsys):
