@@ -26,11 +26,11 @@ from kd.config import Parser
 from kd.device import choose_precision, cpu_name
 from kd.engine import format_duration
 from kd.errors import RunError, UsageError, main_guard
-from kd.experiment import BUDGETS, SUPERVISED, VARIANTS, all_modes, foreign_runs, gain, plain_loop_flags, plan
+from kd.experiment import BUDGETS, VARIANTS, all_modes, foreign_runs, gain, plain_loop_flags, plan
 from kd.export import write_text_atomic
 from kd.record import Recording
 from kd.scheduler import Job, execute
-from kd.tune import declared_grid
+from kd.tune import SUPERVISED, declared_grid
 
 
 def print_plan(jobs: Sequence[Job]) -> None:
@@ -55,7 +55,6 @@ def made_with(args, extra: Sequence[str]) -> Dict:
     machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()
     precision = choose_precision(None, warn=lambda line: None, launcher_argv=None, script="train_student.py").label
     return {"budget": args.budget, "dataset": args.dataset, "flags": list(extra), "precision": precision, "machine": machine}
-
 
 
 def top_count(text: str) -> Optional[int]:
@@ -124,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if foreign:
         print(f"note: the leaderboard counts every run under {out / 'runs'}, and no plan holds "
               f"{', '.join(str(path.relative_to(out / 'runs')) for path in foreign)}: move it out of there to leave it out", flush=True)
-    keeping = Recording(Path(args.record), out, made_with(args, extra)) if args.record else None  # refuses another machine's record
+    keeping = Recording(Path(args.record), out, made_with(args, extra)) if args.record else None  # refuses a record made otherwise
     if keeping and args.dry_run:
         print(f"note: a dry run restores nothing from {args.record}: the plan shows {out} as it is", flush=True)
         keeping = None

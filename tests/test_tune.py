@@ -3,6 +3,7 @@ a simulated kill; the per-epoch hook of the runner; one-line errors for bad inpu
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,7 @@ def test_search_writes_preset_and_resumes_after_a_kill(tiny_dataset, tmp_path):
         assert trial.value == read_json(run_dir / "metrics.json")["val"]["f1_macro"]  # the objective is validation F1
         assert trial.intermediate_values == {1: read_json(run_dir / "metrics.json")["val"]["f1_macro"]}  # reported per epoch
         assert read_json(run_dir / "run_config.json")["train"]["lr"] == trial.params["lr"]  # the sampled value trained
+        assert trial.user_attrs["preset"] == tune.preset_of(run_dir)  # best.yaml's source, kept in the study
         assert "test" not in read_json(run_dir / "metrics.json")  # a trial never reads the test split...
         assert not (run_dir / "confusion_matrix.png").exists() and not (run_dir / "README.md").exists()  # ...nor shows it
     assert "; test not evaluated (--no-test-eval)" in first.stdout and "test (epoch" not in first.stdout
@@ -156,7 +158,7 @@ def test_reused_runs_count_toward_the_budget_and_a_held_point_is_not_taken_twice
     assert f"not reused: {default_run}: a trial of this search holds its point already" in second and f"(reused: {at_02})" in second
     assert [t.params for t in load_study(tmp_path / "tune").trials] == [{"lr": 0.05}, {"lr": 0.2}] and not (tmp_path / "tune" / "trials").exists()
     best = (tmp_path / "tune" / "best.yaml").read_text()
-    assert "lr: 0.2\n" in best or "lr: 0.05\n" in best
+    assert "trial 0," in best and "lr: 0.05\n" in best  # the two score the same: the first is the best
     shutil.move(default_run, tmp_path / "moved")  # the reused trials' folders lie outside the search: best.yaml needs neither
     shutil.move(at_02, tmp_path / "moved-too")
     (tmp_path / "tune" / "best.yaml").unlink()
@@ -165,16 +167,27 @@ def test_reused_runs_count_toward_the_budget_and_a_held_point_is_not_taken_twice
     assert (tmp_path / "tune" / "best.yaml").read_text() == best
 
 
-def test_a_best_trial_whose_folder_is_gone_is_one_line(tmp_path):
-    """A study from before trials kept their preset makes best.yaml from the best trial's folder."""
+def test_an_older_study_makes_best_yaml_from_the_folder_or_tune_json_else_one_line(tmp_path):
+    """A study from before trials kept their preset: best.yaml comes from the best trial's folder,
+    or, where that is gone, from the tune.json of a search that already ended with that trial."""
     import optuna
 
     study = optuna.create_study(direction="maximize")
     study.add_trial(optuna.trial.create_trial(params={"lr": 0.1}, distributions={"lr": optuna.distributions.FloatDistribution(0.01, 1)},
-                                              value=0.5, user_attrs={"run_dir": str(tmp_path / "gone")}))
-    with pytest.raises(tune.UsageError, match=rf"^best.yaml is made from the best trial's run_config.json, and {tmp_path / 'gone'} "
-                                               r"\(trial 0\) no longer has one: put the folder back, or search again in a new --output-dir$"):
-        tune.write_preset(study, "supervised", tmp_path / "best.yaml")
+                                              value=0.5, user_attrs={"run_dir": str(tmp_path / "run")}))
+    resolved = {"train": {"lr": 0.1, "seed": 3, "max_train_samples": 64}, "distill": {"temperature": 2.0}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps(resolved))
+    assert tune.write_preset(study, "logits", tmp_path / "best.yaml") == {"lr": 0.1, "temperature": 2.0}
+    shutil.rmtree(tmp_path / "run")
+    (tmp_path / "tune.json").write_text(json.dumps({"best_trial": 0, "preset": {"lr": 0.1, "temperature": 2.0}}))
+    assert tune.write_preset(study, "logits", tmp_path / "best.yaml") == {"lr": 0.1, "temperature": 2.0}
+    (tmp_path / "tune.json").write_text(json.dumps({"best_trial": 7, "preset": {"lr": 0.2}}))  # another trial's
+    (tmp_path / "best.yaml").unlink()
+    line = (f"best.yaml is made from the best trial's run_config.json, and {tmp_path / 'run'} (trial 0) "
+            "no longer has one: put the folder back, or search again in a new --output-dir")
+    with pytest.raises(tune.UsageError, match=f"^{re.escape(line)}$"):
+        tune.write_preset(study, "logits", tmp_path / "best.yaml")
     assert not (tmp_path / "best.yaml").exists()
 
 
