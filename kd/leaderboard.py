@@ -26,7 +26,7 @@ from kd.config import Parser
 from kd.device import choose_precision, cpu_name
 from kd.engine import format_duration
 from kd.errors import RunError, UsageError, main_guard
-from kd.experiment import BUDGETS, VARIANTS, all_modes, foreign_runs, gain, plain_loop_flags, plan
+from kd.experiment import BUDGETS, PRESETS, VARIANTS, all_modes, foreign_runs, gain, plain_loop_flags, plan
 from kd.export import write_text_atomic
 from kd.record import Recording
 from kd.scheduler import Job, execute
@@ -49,12 +49,16 @@ def print_plan(jobs: Sequence[Job]) -> None:
 
 def made_with(args, extra: Sequence[str]) -> Dict:
     """What a record's runs must share with this driver's to be taken as its own: the budget, the
-    data set, the flags for every run, and the machine (its precision and the device's name)."""
+    data set, the flags for every run, the machine (its precision and the device's name), and the
+    settings of the budget's presets (a preset changed since is another protocol)."""
     import torch
+    import yaml
 
     machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()
     precision = choose_precision(None, warn=lambda line: None, launcher_argv=None, script="train_student.py").label
-    return {"budget": args.budget, "dataset": args.dataset, "flags": list(extra), "precision": precision, "machine": machine}
+    budget = BUDGETS[args.budget]
+    presets = {role: yaml.safe_load((PRESETS / name).read_text()) for role, name in (("teacher", budget.teacher), ("student", budget.student))}
+    return {"budget": args.budget, "dataset": args.dataset, "flags": list(extra), "precision": precision, "machine": machine, "presets": presets}
 
 
 def top_count(text: str) -> Optional[int]:

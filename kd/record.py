@@ -2,14 +2,14 @@
 each finished run's and each search's small files (metrics, resolved config, per-epoch
 history; a search's study, preset and trials), never weights or checkpoints, the sha256 of the
 teacher's weights, and what every run was made with (driver.json: budget, data set, extra
-flags, precision, machine).
+flags, precision, machine, the budget's presets).
 
 A driver on a new machine (`kd.leaderboard run --record DIR`) restores from it what it can
 trust, into folders that do not exist here: at once the runs and the search that need no
 teacher (the student's, the plain loop's), the rest once the teacher trained again here has the
 record's weights (on the same kind of machine, the same settings and seed train the same weights
-bit for bit). A record made otherwise (another budget, data set, flags, precision or machine) is
-refused in one line; a teacher with other weights gets nothing from it and adds nothing to it."""
+bit for bit). A record made otherwise (another budget, data set, flags, precision, machine or
+preset setting) is refused in one line; a teacher with other weights gets nothing from it and adds nothing to it."""
 
 import functools
 import hashlib
@@ -100,6 +100,30 @@ def copy_item(source: Path, target: Path, folder: Path) -> None:
             _copy_file(origin / name, copy / name)
 
 
+def flat(settings: Dict, prefix: str = "") -> Dict:
+    """Nested settings (a preset's) as one level of dotted keys."""
+    out = {}
+    for key, value in settings.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def first_difference(kept: Dict, now: Dict) -> Optional[tuple]:
+    """(dotted key, the record's value, this driver's) of the first setting the two differ in,
+    looking into nested settings (a preset's); None for a value one of them lacks (a whole
+    section an older kd did not write is named as one). None when they agree."""
+    for key in dict.fromkeys([*now, *kept]):
+        if key not in kept or key not in now:
+            return key, kept.get(key), now.get(key)
+        if isinstance(kept[key], dict) and isinstance(now[key], dict):
+            inner = first_difference(flat(kept[key]), flat(now[key]))
+            if inner:
+                return f"{key}.{inner[0]}", inner[1], inner[2]
+        elif kept[key] != now[key]:
+            return key, kept[key], now[key]
+    return None
+
+
 class Recording:
     """The leaderboard driver's side of a record: checked against what this driver makes
     (`made_with`), restored into DIR at the start and each job's item again just before the job
@@ -110,11 +134,12 @@ class Recording:
         self.record, self.out, self.said = folder, out, set()
         recorded = folder / MADE_WITH
         kept = json.loads(recorded.read_text()) if recorded.is_file() else made_with
-        differs = [key for key in made_with if kept.get(key) != made_with[key]]
+        differs = first_difference(kept, made_with)
         if differs:
-            key = differs[0]
-            raise UsageError(f"the record {folder} was made with {key} {kept.get(key)!r}, this driver's is {made_with[key]!r}: "
-                             "give it another --record folder")
+            key, was, now = differs
+            made = (f"has no {key}" if was is None else f"was made with {key} {was!r}, which this driver does not set" if now is None
+                    else f"was made with {key} {was!r}, this driver's is {now!r}")
+            raise UsageError(f"the record {folder} {made}: give it another --record folder")
         self.made_with = made_with
 
     def note(self, line: Optional[str]) -> None:

@@ -53,7 +53,8 @@ def files(root):
     return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
 
 
-MADE_WITH = {"budget": "cpu", "dataset": "d", "flags": [], "precision": "fp32", "machine": "cpu A"}
+MADE_WITH = {"budget": "cpu", "dataset": "d", "flags": [], "precision": "fp32", "machine": "cpu A",
+             "presets": {"teacher": {"model": "r20", "lr": 0.1}, "student": {"model": "r8", "lr": 0.4}}}
 
 
 def recording(kept, out, **made_with):
@@ -115,6 +116,17 @@ def test_a_record_made_otherwise_is_refused_in_one_line(tmp_path):
     for key, value in (("machine", "cpu B"), ("precision", "bf16"), ("flags", ["--epochs", "1"]), ("budget", "gpu")):
         with pytest.raises(record.UsageError, match=rf"^the record {kept} was made with {key} .*: give it another --record folder$"):
             recording(kept, tmp_path / "elsewhere", **{key: value})
+    # a preset changed since is another protocol: the setting that differs is named
+    presets = {"teacher": {"model": "r20", "lr": 0.2}, "student": MADE_WITH["presets"]["student"]}
+    with pytest.raises(record.UsageError, match=rf"^the record {kept} was made with presets.teacher.lr 0.1, this driver's is 0.2: give"):
+        recording(kept, tmp_path / "elsewhere", presets=presets)
+    presets = {"teacher": {"model": "r20"}, "student": MADE_WITH["presets"]["student"]}
+    with pytest.raises(record.UsageError, match=r"presets.teacher.lr 0.1, which this driver does not set: give it another --record folder$"):
+        recording(kept, tmp_path / "elsewhere", presets=presets)
+    older = {key: value for key, value in MADE_WITH.items() if key != "presets"}
+    (kept / "driver.json").write_text(json.dumps(older))  # as an older kd wrote it
+    with pytest.raises(record.UsageError, match=rf"^the record {kept} has no presets: give it another --record folder$"):
+        recording(kept, tmp_path / "elsewhere")
     assert not (tmp_path / "elsewhere").exists()
 
 
