@@ -337,16 +337,15 @@ def write_preset(study, method: str, path: Path) -> Dict:
 
     best = study.best_trial
     preset, folder = best.user_attrs.get("preset"), Path(best.user_attrs["run_dir"])
-    if preset is None:  # a study from before the preset was kept: the folder, or the summary of a search it already ended
+    if preset is None and (folder / "run_config.json").is_file():  # a study from before the preset was kept
+        preset = preset_of(folder)
+    elif preset is None:  # ... whose folder is gone: the summary of a search that already ended with this trial
         summary = path.with_name("tune.json")
-        summary = json.loads(summary.read_text()) if summary.is_file() else {}
-        if (folder / "run_config.json").is_file():
-            preset = preset_of(folder)
-        elif summary.get("best_trial") == best.number:
-            preset = summary["preset"]
-        else:
+        ended = json.loads(summary.read_text()) if summary.is_file() else {}
+        if ended.get("best_trial") != best.number:
             raise UsageError(f"best.yaml is made from the best trial's run_config.json, and {folder} (trial {best.number}) "
                              "no longer has one: put the folder back, or search again in a new --output-dir")
+        preset = ended["preset"]
     header = (f"# kd.tune: best of {len(finished(study))} trials for {method}, trial {best.number}, "
               f"validation macro F1 {best.value:.4f}\n# searched: {', '.join(best.params)}\n")
     write_text_atomic(path, header + yaml.safe_dump(preset, sort_keys=False))
