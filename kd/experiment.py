@@ -18,7 +18,7 @@ from kd.device import choose_precision
 from kd.distillers import DISTILLERS
 from kd.errors import UsageError
 from kd.scheduler import Job
-from kd.tune import SUPERVISED, declared_grid, grid_points, grid_specs, methods
+from kd.space import SUPERVISED, declared_grid, grid_points, grid_specs, methods
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 PLAIN_LOOP = Path(__file__).resolve().parents[1] / "scripts" / "plain_loop.py"

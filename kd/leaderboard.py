@@ -30,7 +30,7 @@ from kd.experiment import BUDGETS, PRESETS, VARIANTS, all_modes, foreign_runs, g
 from kd.export import write_text_atomic
 from kd.record import Recording
 from kd.scheduler import Job, execute
-from kd.tune import SUPERVISED, declared_grid
+from kd.space import SUPERVISED, declared_grid
 
 
 def print_plan(jobs: Sequence[Job]) -> None:

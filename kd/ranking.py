@@ -76,7 +76,7 @@ def _mean(values) -> Optional[float]:
 
 
 def searched_settings(run: Run) -> str:
-    from kd.tune import methods  # the spaces are declared on the method classes
+    from kd.space import methods  # the spaces are declared on the method classes
 
     method = run.config.get("method", "supervised")
     space = getattr(methods().get(method), "search_space", {})

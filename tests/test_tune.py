@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import REPO, read_json
-from kd import cli, tune
+from kd import cli, space, tune
 from kd.config import build_parser, parse
 from kd.distillers import DISTILLERS, Distiller
 
@@ -186,7 +186,7 @@ def test_an_older_study_makes_best_yaml_from_the_folder_or_tune_json_else_one_li
     (tmp_path / "best.yaml").unlink()
     line = (f"best.yaml is made from the best trial's run_config.json, and {tmp_path / 'run'} (trial 0) "
             "no longer has one: put the folder back, or search again in a new --output-dir")
-    with pytest.raises(tune.UsageError, match=f"^{re.escape(line)}$"):
+    with pytest.raises(space.UsageError, match=f"^{re.escape(line)}$"):
         tune.write_preset(study, "logits", tmp_path / "best.yaml")
     assert not (tmp_path / "best.yaml").exists()
 
@@ -256,11 +256,11 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, monkeypatch, 
 
 
 def test_every_method_declares_a_valid_space_and_grid():
-    for method in tune.methods():
-        space = tune.search_space(method)  # raises on a malformed entry or an empty space
-        assert space, method
-        grid = tune.declared_grid(method)  # raises on a point outside the space
-        assert len(tune.grid_points(grid)) >= 2, method  # a grid of one point tunes nothing
+    for method in space.methods():
+        declared = space.search_space(method)  # raises on a malformed entry or an empty space
+        assert declared, method
+        grid = space.declared_grid(method)  # raises on a point outside the space
+        assert len(space.grid_points(grid)) >= 2, method  # a grid of one point tunes nothing
 
 
 def test_a_grid_does_not_resume_a_search_of_tpe_draws(tmp_path, capsys):
@@ -287,8 +287,8 @@ def test_declared_grid_outside_the_space_is_one_line(monkeypatch):
         search_grid = {"temperature": (2.0, 16.0)}
 
     monkeypatch.setitem(DISTILLERS, "bad-grid", BadGrid)
-    with pytest.raises(tune.UsageError, match=r"^bad-grid.search_grid \(kd/distillers/\): --grid temperature=16.0 is outside the declared space"):
-        tune.declared_grid("bad-grid")
+    with pytest.raises(space.UsageError, match=r"^bad-grid.search_grid \(kd/distillers/\): --grid temperature=16.0 is outside the declared space"):
+        space.declared_grid("bad-grid")
 
 
 def test_error_inside_a_trial_is_one_line_and_exit_2(tmp_path, capsys):
