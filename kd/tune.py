@@ -249,6 +249,7 @@ def build_parser() -> Parser:
 def tune(argv: Optional[Sequence[str]] = None) -> Dict:
     """Run (or continue) the search; returns tune.json's content."""
     args, training_args = build_parser().parse_known_args(argv)
+    search_space(args.method)  # an unknown method or an empty space is the first thing to say
     grid = parse_grid(args.method, args.grid) if args.grid else None
     if grid is not None and args.params:
         raise UsageError("--grid names the parameters it searches: leave out --params")

@@ -232,6 +232,8 @@ class NoSpace(Distiller):
 
 @pytest.mark.parametrize("argv, message", [
     (["--method", "nope", "--trials", "2"], "unknown method 'nope'"),
+    (["--method", "nope"], "unknown method 'nope'"),  # before the missing budget: fix the name first
+    (["--method", "no-space", "--grid", "lr=0.1"], "the search space of no-space is empty"),
     (["--method", "logits", "--trials", "0"], "--trials must be positive"),
     (["--method", "no-space", "--trials", "2"], "the search space of no-space is empty"),
     (["--method", "logits", "--trials", "2", "--params", "lr"], "--params 'lr' is not in the search space of logits"),
