@@ -76,28 +76,62 @@ def items(root: Path) -> Iterator[Path]:
             yield folder
 
 
-def _copy_file(source: Path, target: Path) -> None:
-    """A file copied whole or not at all (a temporary name, then a rename)."""
-    temporary = target.with_name(f".{target.name}.tmp")
-    if source.name == "study.db":  # SQLite's backup: a consistent snapshot even while its search writes to it
-        with closing(sqlite3.connect(source)) as study, closing(sqlite3.connect(temporary)) as kept:
-            study.backup(kept)
-    else:
-        shutil.copyfile(source, temporary)
+def _temporary(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{os.getpid()}.tmp")  # its own per process: two drivers may save at once
+
+
+def _put(target: Path, data: bytes) -> None:
+    """A file written whole or not at all (a temporary name, then a rename)."""
+    temporary = _temporary(target)
+    temporary.write_bytes(data)
     os.replace(temporary, target)
+
+
+def _copy_study(source: Path, target: Path) -> None:
+    """SQLite's backup: a consistent snapshot even while its search writes to it."""
+    temporary = _temporary(target)
+    with closing(sqlite3.connect(source)) as study, closing(sqlite3.connect(temporary)) as kept:
+        study.backup(kept)
+    os.replace(temporary, target)
+
+
+def _read_run(origin: Path) -> Optional[Dict[str, bytes]]:
+    """A run's small files as they are at one moment, or None where the run changed while they
+    were read (a tuned run started over by another driver on this folder): the file that marks
+    it done (absent for a pruned trial) is read before and after the others, and must not change."""
+    marker = origin / RUN_FILES[-1]
+    try:
+        before = marker.read_bytes() if marker.is_file() else None
+        files = {name: (origin / name).read_bytes() for name in RUN_FILES[:-1] if (origin / name).is_file()}
+        after = marker.read_bytes() if marker.is_file() else None
+    except FileNotFoundError:  # deleted between the look and the read
+        return None
+    if before != after:
+        return None
+    return {**files, **({marker.name: after} if after is not None else {})}
 
 
 def copy_item(source: Path, target: Path, folder: Path) -> None:
     """One run's or search's small files from `source`/folder to `target`/folder, the file that
-    marks it done last, so that a copy cut short is never taken for a finished one."""
+    marks it done last, so that a copy cut short is never taken for a finished one; a run that
+    changes while it is read is left as it was in `target` (the next save takes it)."""
     origin, copy = source / folder, target / folder
+    if (origin / "study.db").is_file():
+        copy.mkdir(parents=True, exist_ok=True)
+        for trial in sorted((origin / "trials").glob("*/history.jsonl")):  # finished or pruned trials: what the compute line counts
+            copy_item(source, target, trial.parent.relative_to(source))
+        for name in SEARCH_FILES:
+            if name == "study.db":
+                _copy_study(origin / name, copy / name)
+            elif (origin / name).is_file():
+                _put(copy / name, (origin / name).read_bytes())
+        return
+    files = _read_run(origin)
+    if files is None:
+        return
     copy.mkdir(parents=True, exist_ok=True)
-    search = (origin / "study.db").is_file()
-    for trial in sorted((origin / "trials").glob("*/history.jsonl")) if search else []:  # finished or pruned trials: what the compute line counts
-        copy_item(source, target, trial.parent.relative_to(source))
-    for name in SEARCH_FILES if search else RUN_FILES:
-        if (origin / name).is_file():
-            _copy_file(origin / name, copy / name)
+    for name, data in files.items():  # in RUN_FILES' order: the marker last
+        _put(copy / name, data)
 
 
 def flat(settings: Dict, prefix: str = "") -> Dict:
@@ -182,19 +216,21 @@ class Recording:
 
     def save(self) -> None:
         """Copy into the record every item here (also those another driver on this folder
-        finished), with the teacher's small
-        files and weights' sha256 when the record has none, and driver.json; nothing at all while
-        the teacher here is not the record's, so that a record never mixes two teachers' runs, nor
-        a second teacher's baseline beside the first's. A few kB a run: cheap beside any job."""
+        finished), with the teacher's small files and weights' sha256 when the record has none, and
+        driver.json. The runs that need no teacher are saved while the teacher here trains, so that
+        a session that ends before its teacher keeps them; nothing at all once the teacher here is
+        found not to be the record's, so that a record never mixes two teachers' runs (the baseline
+        runs saved before that stay: the same kind of machine, settings and seeds made them). A few
+        kB a run: cheap beside any job."""
         here, kept = weights_hash(self.out), recorded_hash(self.record)
         if here is not None and kept is not None and here != kept:
             self.note(self.teacher_differs())
             return
         self.record.mkdir(parents=True, exist_ok=True)
-        (self.record / MADE_WITH).write_text(json.dumps(self.made_with, indent=2) + "\n")
+        _put(self.record / MADE_WITH, (json.dumps(self.made_with, indent=2) + "\n").encode())
         if here is not None and kept is None:
             copy_item(self.out, self.record, TEACHER)
-            (self.record / TEACHER / WEIGHTS_HASH).write_text(here + "\n")
+            _put(self.record / TEACHER / WEIGHTS_HASH, (here + "\n").encode())
         for folder in items(self.out):
             if here is not None or not needs_teacher(self.out, folder):
                 copy_item(self.out, self.record, folder)

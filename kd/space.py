@@ -94,7 +94,9 @@ def held_points(study) -> List[Dict]:
     import optuna
 
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.WAITING)
-    return [trial.params for trial in study.get_trials(deepcopy=False, states=states)]
+    # a queued trial has no params until it runs: its point is in the system attribute enqueue_trial sets
+    return [trial.system_attrs.get("fixed_params", trial.params) if trial.state == optuna.trial.TrialState.WAITING else trial.params
+            for trial in study.get_trials(deepcopy=False, states=states)]
 
 
 def enqueue_grid(study, grid: Dict[str, list]) -> None:

@@ -168,6 +168,8 @@ def open_study(out: Path, method: str, sampler_seed: int, prune_from_epoch: int,
     study = optuna.create_study(study_name=method, storage=storage, direction="maximize", pruner=pruner, load_if_exists=True)
     if grid is not None and "grid" not in study.user_attrs and finished(study):  # queued points would mix with its draws
         raise UsageError(f"{out} holds a search of TPE draws; a --grid search needs another --output-dir")
+    if grid is None and "grid" in study.user_attrs:  # its queued points would run before any draw, and tune.json would say grid
+        raise UsageError(f"{out} holds a --grid search; resume it with its --grid, or give a search of TPE draws another --output-dir")
     saved = study.user_attrs.get("training_args")
     if saved is not None and saved != training_args:
         raise UsageError(f"{out} was searched with training flags {' '.join(saved)}; resume with the same flags or use another --output-dir")

@@ -135,12 +135,44 @@ def test_a_copy_cut_short_is_never_a_finished_run(tmp_path, monkeypatch):
     recording(kept, leaderboard_folder(tmp_path / "lb")).save()
     copied = []
 
-    def copy_then_die(source, target):
-        if source.name == "metrics.json":
+    def copy_then_die(target, data):
+        if target.name == "metrics.json":
             raise KeyboardInterrupt  # killed before the file that marks the run done
-        copied.append(source.name)
+        copied.append(target.name)
 
-    monkeypatch.setattr(record, "_copy_file", copy_then_die)
+    monkeypatch.setattr(record, "_put", copy_then_die)
     with pytest.raises(KeyboardInterrupt):
         recording(kept, tmp_path / "fresh").restore(only=record.Path("runs/student/default/s0"))
     assert copied == ["run_config.json", "history.jsonl"] and not (tmp_path / "fresh/runs/student/default/s0/metrics.json").exists()
+
+
+def test_a_run_started_over_while_it_is_read_is_left_as_the_record_had_it(tmp_path, monkeypatch):
+    """Another driver on the folder starts a tuned run over (its files deleted, a new config
+    written) while this one reads it for the record: the record keeps the old run, whole, and
+    takes the new one once it has finished."""
+    out = leaderboard_folder(tmp_path / "lb")
+    kept = tmp_path / "record"
+    recording(kept, out).save()
+    folder = out / "runs" / "student" / "default" / "s0"
+    read_bytes, seen = record.Path.read_bytes, []
+
+    def start_over_midway(path):
+        data = read_bytes(path)
+        if path == folder / "metrics.json" and not seen:  # just read: now the other driver clears the run and starts it
+            seen.append(path)
+            for name in ("metrics.json", "history.jsonl"):
+                (folder / name).unlink()
+            write(folder / "run_config.json", json.dumps({"train": {"seed": 0, "lr": 0.2}, "role": "student"}))
+        return data
+
+    monkeypatch.setattr(record.Path, "read_bytes", start_over_midway)
+    record.copy_item(out, kept, record.Path("runs/student/default/s0"))
+    monkeypatch.undo()
+    saved = kept / "runs" / "student" / "default" / "s0"
+    assert json.loads((saved / "run_config.json").read_text()) == {"train": {"seed": 0}, "role": "student"}  # the old run, whole
+    assert (saved / "metrics.json").is_file() and not list(kept.rglob("*.tmp"))
+    run_again = json.loads((folder / "run_config.json").read_text())
+    write(folder / "metrics.json", json.dumps({"val": {"f1_macro": 0.6}}))  # the new run finished
+    recording(kept, out).save()
+    assert json.loads((saved / "run_config.json").read_text()) == run_again
+    assert json.loads((saved / "metrics.json").read_text()) == {"val": {"f1_macro": 0.6}}

@@ -265,6 +265,41 @@ def test_every_method_declares_a_valid_space_and_grid():
         assert len(space.grid_points(grid)) >= 2, method  # a grid of one point tunes nothing
 
 
+def test_a_resumed_grid_queues_each_point_once(tmp_path):
+    """A killed grid search resumed twice: the point that was running is queued again, the points
+    still queued are not queued twice (a second copy would run in place of a point never trained)."""
+    import optuna
+
+    study = optuna.create_study(study_name="dkd", storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
+    grid = {"dkd_beta": [1.0, 2.0, 4.0]}
+    space.enqueue_grid(study, grid)
+    running = study.ask()  # the first queued point starts, then the search is killed
+    study.tell(running.number, state=optuna.trial.TrialState.FAIL)  # as open_study marks it on resume
+    space.enqueue_grid(study, grid)
+    space.enqueue_grid(study, grid)
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    assert [trial.system_attrs["fixed_params"] for trial in waiting] == [{"dkd_beta": 2.0}, {"dkd_beta": 4.0}, {"dkd_beta": 1.0}]
+    assert sorted(point["dkd_beta"] for point in space.held_points(study)) == [1.0, 2.0, 4.0]
+
+
+def test_a_search_of_tpe_draws_does_not_resume_a_grid(tmp_path, capsys):
+    import optuna
+
+    out = tmp_path / "tune"
+    out.mkdir()
+    study = optuna.create_study(study_name="supervised", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
+    study.set_user_attr("grid", {"lr": [0.1, 0.2]})
+    study.enqueue_trial({"lr": 0.2})  # the grid's second point, still queued
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(["--method", "supervised", "--trials", "3", "--output-dir", str(out), "--dataset", "d"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "holds a --grid search; resume it with its --grid, or give a search of TPE draws another --output-dir" in err[0], err
+    study = optuna.load_study(study_name="supervised", storage=f"sqlite:///{out / 'study.db'}")
+    assert [trial.state.name for trial in study.trials] == ["WAITING"]  # nothing ran
+
+
 def test_a_grid_does_not_resume_a_search_of_tpe_draws(tmp_path, capsys):
     import optuna
 
