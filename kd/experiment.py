@@ -106,7 +106,7 @@ def plain_loop_flags(budget: Budget, dataset: str, extra: Sequence[str]) -> Tupl
 def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int, str], modes: Sequence[str],
          extra: Sequence[str], tuned_top: Optional[int] = None, plain: Optional[Sequence[str]] = None) -> List[Job]:
     """Every run of the leaderboard, each with the runs it needs first, in the order they start:
-    the teacher, then every row's default run seed by seed (so that each row has n = 2, enough
+    the teacher (where a row needs it), then every row's default run seed by seed (so that each row has n = 2, enough
     for an interval, before any has n = 3; the plain loop with its `plain` flags after each of
     the baseline's), then each method's search and its tuned runs (on
     tuned_seeds: not the search's seed; with `tuned_top`, for the methods it moved most)."""
@@ -114,7 +114,6 @@ def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int,
     common = ["--dataset", dataset, "--report-to", "none", *extra]
     teacher = runs / "teacher"
     student = ["--config", str(PRESETS / budget.student), *common]
-    jobs = [Job("teacher", teacher, training("train_teacher", teacher, ["--config", str(PRESETS / budget.teacher), *common, "--seed", "0"]))]
     rows = {}  # name -> (script, needs, flags naming the method)
     for mode in dict.fromkeys([SUPERVISED, *modes]):  # the baseline's default runs always
         base, switches = VARIANTS.get(mode, (mode, []))
@@ -122,6 +121,9 @@ def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int,
             rows["student"] = ("train_student", [], [])
         else:
             rows[mode] = ("distill", ["teacher"], ["--teacher", str(teacher), "--mode", base, *switches])
+    # the teacher only where a row distils from it (`--modes supervised`: the baseline alone)
+    jobs = [Job("teacher", teacher, training("train_teacher", teacher, ["--config", str(PRESETS / budget.teacher), *common, "--seed", "0"]))
+            ] if len(rows) > 1 else []
     for seed in range(seeds):
         for name, (script, needs, method) in rows.items():
             folder = runs / name / "default" / f"s{seed}"

@@ -185,6 +185,13 @@ def test_tuned_top_runs_tuned_rows_for_the_methods_tuning_moved_most(tmp_path, c
     assert all(job.gate is None and not job.after for job in jobs if "/tuned/" in job.name)  # 2 of 2: nothing to choose
 
 
+def test_the_baseline_alone_trains_no_teacher(tmp_path):
+    names = [job.name for job in experiment.plan(tmp_path, experiment.BUDGETS["cpu"], "d", 2, "grid", ["supervised"], [])]
+    assert names == ["student/default/s0", "student/default/s1", "student/tune", "student/tuned/s1", "student/tuned/s2"]
+    names = [job.name for job in experiment.plan(tmp_path, experiment.BUDGETS["cpu"], "d", 1, 0, ["logits"], [])]
+    assert names == ["teacher", "student/default/s0", "logits/default/s0"]
+
+
 def test_scheduler_asks_the_gate_once_what_it_waits_for_settled(tmp_path, capsys):
     log = tmp_path / "order.log"
 
