@@ -123,7 +123,7 @@ def plan(out: Path, budget: Budget, dataset: str, seeds: int, trials: Union[int,
             rows[mode] = ("distill", ["teacher"], ["--teacher", str(teacher), "--mode", base, *switches])
     # the teacher only where a row distils from it (`--modes supervised`: the baseline alone)
     jobs = [Job("teacher", teacher, training("train_teacher", teacher, ["--config", str(PRESETS / budget.teacher), *common, "--seed", "0"]))
-            ] if len(rows) > 1 else []
+            ] if any(needs for _, needs, _ in rows.values()) else []
     for seed in range(seeds):
         for name, (script, needs, method) in rows.items():
             folder = runs / name / "default" / f"s{seed}"

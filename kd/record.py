@@ -15,13 +15,13 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import sqlite3
 from contextlib import closing
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 from kd.errors import UsageError
+from kd.export import write_bytes_atomic, write_text_atomic
 
 RUN_FILES = ("run_config.json", "history.jsonl", "metrics.json")  # metrics.json, which marks a run done, last
 SEARCH_FILES = ("best.yaml", "study.db", "tune.json")  # after the trials; tune.json, which marks a search done, last
@@ -76,20 +76,9 @@ def items(root: Path) -> Iterator[Path]:
             yield folder
 
 
-def _temporary(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{os.getpid()}.tmp")  # its own per process: two drivers may save at once
-
-
-def _put(target: Path, data: bytes) -> None:
-    """A file written whole or not at all (a temporary name, then a rename)."""
-    temporary = _temporary(target)
-    temporary.write_bytes(data)
-    os.replace(temporary, target)
-
-
 def _copy_study(source: Path, target: Path) -> None:
     """SQLite's backup: a consistent snapshot even while its search writes to it."""
-    temporary = _temporary(target)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # its own per process: two drivers may save at once
     with closing(sqlite3.connect(source)) as study, closing(sqlite3.connect(temporary)) as kept:
         study.backup(kept)
     os.replace(temporary, target)
@@ -124,14 +113,14 @@ def copy_item(source: Path, target: Path, folder: Path) -> None:
             if name == "study.db":
                 _copy_study(origin / name, copy / name)
             elif (origin / name).is_file():
-                _put(copy / name, (origin / name).read_bytes())
+                write_bytes_atomic(copy / name, (origin / name).read_bytes())
         return
     files = _read_run(origin)
     if files is None:
         return
     copy.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():  # in RUN_FILES' order: the marker last
-        _put(copy / name, data)
+        write_bytes_atomic(copy / name, data)
 
 
 def flat(settings: Dict, prefix: str = "") -> Dict:
@@ -227,10 +216,10 @@ class Recording:
             self.note(self.teacher_differs())
             return
         self.record.mkdir(parents=True, exist_ok=True)
-        _put(self.record / MADE_WITH, (json.dumps(self.made_with, indent=2) + "\n").encode())
+        write_text_atomic(self.record / MADE_WITH, json.dumps(self.made_with, indent=2) + "\n")
         if here is not None and kept is None:
             copy_item(self.out, self.record, TEACHER)
-            _put(self.record / TEACHER / WEIGHTS_HASH, (here + "\n").encode())
+            write_text_atomic(self.record / TEACHER / WEIGHTS_HASH, here + "\n")
         for folder in items(self.out):
             if here is not None or not needs_teacher(self.out, folder):
                 copy_item(self.out, self.record, folder)

@@ -140,7 +140,7 @@ def test_a_copy_cut_short_is_never_a_finished_run(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed before the file that marks the run done
         copied.append(target.name)
 
-    monkeypatch.setattr(record, "_put", copy_then_die)
+    monkeypatch.setattr(record, "write_bytes_atomic", copy_then_die)
     with pytest.raises(KeyboardInterrupt):
         recording(kept, tmp_path / "fresh").restore(only=record.Path("runs/student/default/s0"))
     assert copied == ["run_config.json", "history.jsonl"] and not (tmp_path / "fresh/runs/student/default/s0/metrics.json").exists()
@@ -170,7 +170,7 @@ def test_a_run_started_over_while_it_is_read_is_left_as_the_record_had_it(tmp_pa
     monkeypatch.undo()
     saved = kept / "runs" / "student" / "default" / "s0"
     assert json.loads((saved / "run_config.json").read_text()) == {"train": {"seed": 0}, "role": "student"}  # the old run, whole
-    assert (saved / "metrics.json").is_file() and not list(kept.rglob("*.tmp"))
+    assert (saved / "metrics.json").is_file() and not list(kept.rglob(".*"))  # no temporary file left
     run_again = json.loads((folder / "run_config.json").read_text())
     write(folder / "metrics.json", json.dumps({"val": {"f1_macro": 0.6}}))  # the new run finished
     recording(kept, out).save()

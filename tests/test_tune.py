@@ -186,7 +186,7 @@ def test_an_older_study_makes_best_yaml_from_the_folder_or_tune_json_else_one_li
     (tmp_path / "best.yaml").unlink()
     line = (f"best.yaml is made from the best trial's run_config.json, and {tmp_path / 'run'} (trial 0) "
             "no longer has one: put the folder back, or search again in a new --output-dir")
-    with pytest.raises(space.UsageError, match=f"^{re.escape(line)}$"):
+    with pytest.raises(tune.UsageError, match=f"^{re.escape(line)}$"):
         tune.write_preset(study, "logits", tmp_path / "best.yaml")
     assert not (tmp_path / "best.yaml").exists()
 
@@ -282,6 +282,17 @@ def test_a_resumed_grid_queues_each_point_once(tmp_path):
     assert sorted(point["dkd_beta"] for point in space.held_points(study)) == [1.0, 2.0, 4.0]
 
 
+def refused(capsys, argv):
+    """kd.tune's one error line for `argv` (exit 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
 def test_a_search_of_tpe_draws_does_not_resume_a_grid(tmp_path, capsys):
     import optuna
 
@@ -290,12 +301,8 @@ def test_a_search_of_tpe_draws_does_not_resume_a_grid(tmp_path, capsys):
     study = optuna.create_study(study_name="supervised", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
     study.set_user_attr("grid", {"lr": [0.1, 0.2]})
     study.enqueue_trial({"lr": 0.2})  # the grid's second point, still queued
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        tune.main(["--method", "supervised", "--trials", "3", "--output-dir", str(out), "--dataset", "d"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and "holds a --grid search; resume it with its --grid, or give a search of TPE draws another --output-dir" in err[0], err
+    line = refused(capsys, ["--method", "supervised", "--trials", "3", "--output-dir", str(out), "--dataset", "d"])
+    assert "holds a --grid search; resume it with its --grid, or give a search of TPE draws another --output-dir" in line
     study = optuna.load_study(study_name="supervised", storage=f"sqlite:///{out / 'study.db'}")
     assert [trial.state.name for trial in study.trials] == ["WAITING"]  # nothing ran
 
@@ -308,12 +315,8 @@ def test_a_grid_does_not_resume_a_search_of_tpe_draws(tmp_path, capsys):
     study = optuna.create_study(study_name="supervised", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
     lr = optuna.distributions.FloatDistribution(0.05, 1.0, log=True)
     study.add_trial(optuna.trial.create_trial(params={"lr": 0.3}, distributions={"lr": lr}, value=0.5))  # one TPE draw, finished
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        tune.main(["--method", "supervised", "--grid", "lr=0.1,0.2", "--output-dir", str(out), "--dataset", "d"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and "holds a search of TPE draws; a --grid search needs another --output-dir" in err[0], err
+    line = refused(capsys, ["--method", "supervised", "--grid", "lr=0.1,0.2", "--output-dir", str(out), "--dataset", "d"])
+    assert "holds a search of TPE draws; a --grid search needs another --output-dir" in line
     study = optuna.load_study(study_name="supervised", storage=f"sqlite:///{out / 'study.db'}")
     assert len(study.trials) == 1 and study.user_attrs == {}  # nothing queued or recorded
 
