@@ -18,7 +18,7 @@ import os
 import sqlite3
 from contextlib import closing
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Set
 
 from kd.errors import UsageError
 from kd.export import write_bytes_atomic, write_text_atomic
@@ -84,6 +84,13 @@ def _copy_study(source: Path, target: Path) -> None:
     os.replace(temporary, target)
 
 
+def _trials_over(study: Path) -> Set[int]:
+    """The numbers of a search's trials that are over (complete, pruned, or failed where a search
+    was killed): a running trial's folder is still growing, and a resumed search trains it again."""
+    with closing(sqlite3.connect(f"file:{study}?mode=ro", uri=True)) as db:
+        return {number for number, state in db.execute("select number, state from trials") if state != "RUNNING"}
+
+
 def _read_run(origin: Path) -> Optional[Dict[str, bytes]]:
     """A run's small files as they are at one moment, or None where the run changed while they
     were read (a tuned run started over by another driver on this folder): the file that marks
@@ -107,8 +114,10 @@ def copy_item(source: Path, target: Path, folder: Path) -> None:
     origin, copy = source / folder, target / folder
     if (origin / "study.db").is_file():
         copy.mkdir(parents=True, exist_ok=True)
-        for trial in sorted((origin / "trials").glob("*/history.jsonl")):  # finished or pruned trials: what the compute line counts
-            copy_item(source, target, trial.parent.relative_to(source))
+        over = _trials_over(origin / "study.db")
+        for trial in sorted((origin / "trials").glob("*/history.jsonl")):  # the trials over: what the compute line counts
+            if int(trial.parent.name) in over:
+                copy_item(source, target, trial.parent.relative_to(source))
         for name in SEARCH_FILES:
             if name == "study.db":
                 _copy_study(origin / name, copy / name)

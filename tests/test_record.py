@@ -27,8 +27,8 @@ def run(folder, teacher=None, val=0.5):
 def search(folder):
     folder.mkdir(parents=True)
     with sqlite3.connect(folder / "study.db") as study:
-        study.execute("create table trials (number integer)")
-        study.execute("insert into trials values (0)")
+        study.execute("create table trials (number integer, state text)")  # Optuna's table, the columns kd.record reads
+        study.execute("insert into trials values (0, 'PRUNED')")
     study.close()
     write(folder / "tune.json", '{"trials": 1}')
     write(folder / "best.yaml", "lr: 0.4\n")
@@ -176,3 +176,17 @@ def test_a_run_started_over_while_it_is_read_is_left_as_the_record_had_it(tmp_pa
     recording(kept, out).save()
     assert json.loads((saved / "run_config.json").read_text()) == run_again
     assert json.loads((saved / "metrics.json").read_text()) == {"val": {"f1_macro": 0.6}}
+
+
+def test_a_search_saved_while_a_trial_trains_leaves_that_trial_out(tmp_path):
+    """A save mid-search takes the trials that are over, not the running one's growing folder: the
+    search resumed from the record trains that trial again."""
+    out = leaderboard_folder(tmp_path / "lb")
+    search_folder = out / "tune" / "student"
+    with sqlite3.connect(search_folder / "study.db") as study:
+        study.execute("insert into trials values (1, 'COMPLETE'), (2, 'RUNNING')")
+    study.close()
+    for number in ("001", "002"):
+        write(search_folder / "trials" / number / "history.jsonl", '{"epoch": 1}\n')
+    recording(tmp_path / "record", out).save()
+    assert sorted(path.name for path in (tmp_path / "record" / "tune" / "student" / "trials").iterdir()) == ["000", "001"]
