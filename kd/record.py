@@ -15,7 +15,9 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
+import tempfile
 from contextlib import closing
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set
@@ -111,13 +113,16 @@ def copy_item(source: Path, target: Path, folder: Path) -> None:
     """One run's or search's small files from `source`/folder to `target`/folder, the file that
     marks it done last, so that a copy cut short is never taken for a finished one; a run that
     changes while it is read is left as it was in `target` (the next save takes it)."""
-    origin, copy = source / folder, target / folder
+    _copy(source / folder, target / folder)
+
+
+def _copy(origin: Path, copy: Path) -> None:
     if (origin / "study.db").is_file():
         copy.mkdir(parents=True, exist_ok=True)
         over = _trials_over(origin / "study.db")
         for trial in sorted((origin / "trials").glob("*/history.jsonl")):  # the trials over: what the compute line counts
             if int(trial.parent.name) in over:
-                copy_item(source, target, trial.parent.relative_to(source))
+                _copy(trial.parent, copy / "trials" / trial.parent.name)
         for name in SEARCH_FILES:
             if name == "study.db":
                 _copy_study(origin / name, copy / name)
@@ -200,14 +205,32 @@ class Recording:
             if why and needs_teacher(self.record, folder):
                 held_back += 1
                 continue
-            copy_item(self.record, self.out, folder)
-            restored.append(folder)
+            if self._restore(folder):
+                restored.append(folder)
         if restored:
             what = f"{len(restored)} runs and searches" if only is None else str(only)
             print(f"record: restored {what} from {self.record}" + (f" into {self.out}" if only is None else ""), flush=True)
         if held_back:
             self.note(f"the runs and searches of {self.record} that need the teacher are not restored: {why}")
         return restored
+
+    def _restore(self, folder: Path) -> bool:
+        """Copy one item into a hidden folder beside the runs, then rename it into place: a
+        restore cut short leaves no folder of the item here (which would win over the record
+        and train again), and the next driver restores it whole. False where another driver
+        put the folder here first."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.out, prefix=".restoring."))
+        try:
+            copy_item(self.record, staging, folder)
+            (self.out / folder).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(staging / folder, self.out / folder)
+            except OSError:  # a folder there now, not empty
+                return False
+            return True
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def before(self, job) -> None:
         self.restore(Path(job.out).relative_to(self.out))

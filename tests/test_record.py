@@ -130,7 +130,7 @@ def test_a_record_made_otherwise_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "elsewhere").exists()
 
 
-def test_a_copy_cut_short_is_never_a_finished_run(tmp_path, monkeypatch):
+def test_a_restore_cut_short_leaves_no_folder_and_the_next_restores_it_whole(tmp_path, monkeypatch):
     kept = tmp_path / "record"
     recording(kept, leaderboard_folder(tmp_path / "lb")).save()
     copied = []
@@ -143,7 +143,11 @@ def test_a_copy_cut_short_is_never_a_finished_run(tmp_path, monkeypatch):
     monkeypatch.setattr(record, "write_bytes_atomic", copy_then_die)
     with pytest.raises(KeyboardInterrupt):
         recording(kept, tmp_path / "fresh").restore(only=record.Path("runs/student/default/s0"))
-    assert copied == ["run_config.json", "history.jsonl"] and not (tmp_path / "fresh/runs/student/default/s0/metrics.json").exists()
+    assert copied == ["run_config.json", "history.jsonl"]
+    assert not (tmp_path / "fresh/runs/student/default/s0").exists() and not list((tmp_path / "fresh").iterdir())  # nothing half-copied left
+    monkeypatch.undo()
+    assert recording(kept, tmp_path / "fresh").restore() and files(tmp_path / "fresh/runs/student/default/s0") == [
+        "history.jsonl", "metrics.json", "run_config.json"]  # the next driver restores it whole
 
 
 def test_a_run_started_over_while_it_is_read_is_left_as_the_record_had_it(tmp_path, monkeypatch):
