@@ -7,7 +7,7 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from kd import stats
 from kd.engine import format_duration
@@ -203,20 +203,47 @@ def compute_markdown(runs: Sequence[Path], trials: Sequence[Path], parallel: int
             f"about {format_duration(total / parallel)} of driver wall time.\n")
 
 
+COLLAPSED = 0.1  # a row this far below the baseline's F1 macro (runs that diverged) is pinned to the plot's edge
+
+
+def x_span(points: Sequence[Tuple[float, float, float]]) -> Optional[Tuple[float, float]]:
+    """The x-range of the plot for (Δ, low, high) points: zero and the intervals of the rows that
+    did not collapse, so that one diverged method does not squeeze the others' differences into
+    a sliver; None where no row collapsed (or all did): the plot spans everything."""
+    kept = [point for point in points if point[0] >= -COLLAPSED]
+    if len(kept) in (0, len(points)):
+        return None
+    low, high = min(0.0, *(point[1] for point in kept)), max(0.0, *(point[2] for point in kept))
+    pad = 0.08 * (high - low or 1.0)
+    return low - pad, high + pad
+
+
 def draw(items: Sequence[Entry], baseline: Row, path: Path) -> Path:
     """Δ F1 macro from the baseline per row with its 95% interval as the error bar; rows with
-    too few seeds for an interval are drawn as a point."""
+    too few seeds for an interval are drawn as a point, rows that collapsed (see x_span) as an
+    arrow at the left edge with their Δ written beside it."""
     from matplotlib.figure import Figure
 
     shown = [entry for entry in items if entry.row is not baseline]
+    points = []
+    for entry in shown:
+        d = entry.deltas["f1_macro"]
+        mean = d.mean if d else entry.row.stats["f1_macro"][0] - baseline.stats["f1_macro"][0]
+        points.append((mean, d.low, d.high) if d else (mean, mean, mean))
+    span = x_span(points)
     figure = Figure(figsize=(8, 1.4 + 0.45 * max(1, len(shown))), layout="constrained")
     axes = figure.subplots()
     positions = range(len(shown))[::-1]  # the first (best) row on top
-    for position, entry in zip(positions, shown):
-        d = entry.deltas["f1_macro"]
-        mean = d.mean if d else entry.row.stats["f1_macro"][0] - baseline.stats["f1_macro"][0]
-        error = [[mean - d.low], [d.high - mean]] if d else None
-        axes.errorbar(mean, position, xerr=error, fmt="o", capsize=3, color="C0" if d else "grey")
+    for position, entry, (mean, low, high) in zip(positions, shown, points):
+        interval = entry.deltas["f1_macro"] is not None
+        colour = "C0" if interval else "grey"
+        if span and mean < span[0]:
+            axes.plot(span[0], position, "<", color=colour)
+            axes.annotate(f"{mean:+.3f}", (span[0], position), xytext=(8, 0), textcoords="offset points", va="center")
+        else:
+            axes.errorbar(mean, position, xerr=[[mean - low], [high - mean]] if interval else None, fmt="o", capsize=3, color=colour)
+    if span:
+        axes.set_xlim(*span)
     axes.axvline(0, color="black", linewidth=0.8)
     axes.set_yticks(list(positions), [f"{entry.row.label} (n={entry.row.n})" for entry in shown])
     axes.set_xlabel(f"Δ test F1 macro from {baseline.label} (95% Welch interval)")

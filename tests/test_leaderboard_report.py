@@ -83,6 +83,21 @@ def test_leaderboard_rows(board_root, tmp_path, capsys):
     assert (tmp_path / "board.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_collapsed_row_does_not_squeeze_the_others_out_of_the_plot(board_root, tmp_path):
+    """DKD at its paper weights diverges on the cpu budget (Δ F1 about -0.7); the plot spans the
+    other rows' intervals and zero, and pins the collapsed row to the left edge."""
+    points = [(0.036, 0.035, 0.037), (-0.72, -0.75, -0.69), (0.025, -0.017, 0.067), (0.01, 0.01, 0.01)]
+    low, high = ranking.x_span(points)
+    assert -0.69 < low < -0.017 and 0.067 < high < 0.1  # the others' intervals inside, the collapsed one outside
+    assert ranking.x_span([point for point in points if point[0] > -0.1]) is None  # nothing collapsed: no clipping
+    assert ranking.x_span([(-0.5, -0.6, -0.4)]) is None  # every row collapsed: nothing to pin against
+    for seed, f1 in enumerate((0.10, 0.12)):  # a diverged method: the PNG is still written
+        with_history(write_run(board_root / "dkd" / f"s{seed}", (f1, f1, f1, f1), seed=seed,
+                               distill={**DISTILL, "mode": "dkd"}, teacher=str(board_root / "teacher")), 100, 90)
+    report.main([str(board_root), "--leaderboard", "--output", str(tmp_path / "board.md")])
+    assert (tmp_path / "board.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_leaderboard_needs_one_baseline(board_root):
     rows = report.table_rows(report.load_runs([board_root / "logits"]))
     with pytest.raises(UsageError, match="needs one student baseline row, found none"):
