@@ -109,20 +109,16 @@ def _read_run(origin: Path) -> Optional[Dict[str, bytes]]:
     return {**files, **({marker.name: after} if after is not None else {})}
 
 
-def copy_item(source: Path, target: Path, folder: Path) -> None:
-    """One run's or search's small files from `source`/folder to `target`/folder, the file that
+def copy_item(origin: Path, copy: Path) -> None:
+    """One run's or search's small files from folder `origin` to folder `copy`, the file that
     marks it done last, so that a copy cut short is never taken for a finished one; a run that
-    changes while it is read is left as it was in `target` (the next save takes it)."""
-    _copy(source / folder, target / folder)
-
-
-def _copy(origin: Path, copy: Path) -> None:
+    changes while it is read is left as it was in `copy` (the next save takes it)."""
     if (origin / "study.db").is_file():
         copy.mkdir(parents=True, exist_ok=True)
         over = _trials_over(origin / "study.db")
         for trial in sorted((origin / "trials").glob("*/history.jsonl")):  # the trials over: what the compute line counts
             if int(trial.parent.name) in over:
-                _copy(trial.parent, copy / "trials" / trial.parent.name)
+                copy_item(trial.parent, copy / "trials" / trial.parent.name)
         for name in SEARCH_FILES:
             if name == "study.db":
                 _copy_study(origin / name, copy / name)
@@ -222,7 +218,7 @@ class Recording:
         self.out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self.out, prefix=".restoring."))
         try:
-            copy_item(self.record, staging, folder)
+            copy_item(self.record / folder, staging / folder)
             (self.out / folder).parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(staging / folder, self.out / folder)
@@ -250,8 +246,8 @@ class Recording:
         self.record.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.record / MADE_WITH, json.dumps(self.made_with, indent=2) + "\n")
         if here is not None and kept is None:
-            copy_item(self.out, self.record, TEACHER)
+            copy_item(self.out / TEACHER, self.record / TEACHER)
             write_text_atomic(self.record / TEACHER / WEIGHTS_HASH, here + "\n")
         for folder in items(self.out):
             if here is not None or not needs_teacher(self.out, folder):
-                copy_item(self.out, self.record, folder)
+                copy_item(self.out / folder, self.record / folder)

@@ -170,7 +170,7 @@ def test_a_run_started_over_while_it_is_read_is_left_as_the_record_had_it(tmp_pa
         return data
 
     monkeypatch.setattr(record.Path, "read_bytes", start_over_midway)
-    record.copy_item(out, kept, record.Path("runs/student/default/s0"))
+    record.copy_item(out / "runs/student/default/s0", kept / "runs/student/default/s0")
     monkeypatch.undo()
     saved = kept / "runs" / "student" / "default" / "s0"
     assert json.loads((saved / "run_config.json").read_text()) == {"train": {"seed": 0}, "role": "student"}  # the old run, whole
