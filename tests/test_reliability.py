@@ -97,8 +97,9 @@ def test_batch_not_divisible_by_processes(tiny_dataset, tmp_path):
 @pytest.mark.parametrize("processes", [1, 2])
 def test_bad_dataset_under_accelerate_launch(processes, tmp_path):
     """`accelerate launch --quiet`: with one process (the launcher's simple launcher) our line
-    is all there is. With several, torchrun's launcher always raises ChildFailedError after our
-    line: its traceback cannot be turned off (README, Reliability); none comes from our code."""
+    is all there is. With several, torchrun's launcher adds its failure report after our line
+    (README, Reliability): its "Root Cause" box, most times inside a ChildFailedError traceback
+    (once in a CI run on an idle AMD EPYC, the box alone); no traceback comes from our code."""
     missing = tmp_path / "nowhere"
     result = run_script("train_student.py", "--dataset", missing, "--output-dir", tmp_path / "x", "--report-to", "none",
                         processes=processes, launcher=True, check=False)
@@ -108,7 +109,7 @@ def test_bad_dataset_under_accelerate_launch(processes, tmp_path):
     if processes == 1:
         assert result.stderr.strip().splitlines() == ours, result.stderr[-3000:]
     else:
-        assert "ChildFailedError" in result.stderr and f'File "{REPO / "kd"}' not in result.stderr, result.stderr[-3000:]
+        assert "Root Cause (first observed failure)" in result.stderr and f'File "{REPO / "kd"}' not in result.stderr, result.stderr[-3000:]
 
 
 def _train_args(dataset, out):
