@@ -31,6 +31,7 @@ TEACHER = Path("runs") / "teacher"
 WEIGHTS_HASH = "model.safetensors.sha256"  # in the record's teacher folder, in place of the weights
 STUDENT_SEARCH = Path("tune") / "student"  # the baseline's search: the one that needs no teacher
 MADE_WITH = "driver.json"
+ABSENT = object()  # a setting one side does not have, told apart from one whose value is None
 
 
 def weights_hash(out: Path) -> Optional[str]:
@@ -143,11 +144,12 @@ def flat(settings: Dict, prefix: str = "") -> Dict:
 
 def first_difference(kept: Dict, now: Dict) -> Optional[tuple]:
     """(dotted key, the record's value, this driver's) of the first setting the two differ in,
-    looking into nested settings (a preset's); None for a value one of them lacks (a whole
-    section an older kd did not write is named as one). None when they agree."""
+    looking into nested settings (a preset's); ABSENT for a setting one of them lacks (a whole
+    section an older kd did not write is named as one), so that a None value is not taken for
+    a missing one. None when they agree."""
     for key in dict.fromkeys([*now, *kept]):
         if key not in kept or key not in now:
-            return key, kept.get(key), now.get(key)
+            return key, kept.get(key, ABSENT), now.get(key, ABSENT)
         if isinstance(kept[key], dict) and isinstance(now[key], dict):
             inner = first_difference(flat(kept[key]), flat(now[key]))
             if inner:
@@ -170,7 +172,7 @@ class Recording:
         differs = first_difference(kept, made_with)
         if differs:
             key, was, now = differs
-            made = (f"has no {key}" if was is None else f"was made with {key} {was!r}, which this driver does not set" if now is None
+            made = (f"has no {key}" if was is ABSENT else f"was made with {key} {was!r}, which this driver does not set" if now is ABSENT
                     else f"was made with {key} {was!r}, this driver's is {now!r}")
             raise UsageError(f"the record {folder} {made}: give it another --record folder")
         self.made_with = made_with

@@ -123,6 +123,11 @@ def test_a_record_made_otherwise_is_refused_in_one_line(tmp_path):
     presets = {"teacher": {"model": "r20"}, "student": MADE_WITH["presets"]["student"]}
     with pytest.raises(record.UsageError, match=r"presets.teacher.lr 0.1, which this driver does not set: give it another --record folder$"):
         recording(kept, tmp_path / "elsewhere", presets=presets)
+    # a setting kept as None is a value, not a missing one: both sides are named
+    unset = {**MADE_WITH, "presets": {"teacher": {"model": "r20", "lr": None}, "student": MADE_WITH["presets"]["student"]}}
+    (kept / "driver.json").write_text(json.dumps(unset))
+    with pytest.raises(record.UsageError, match=r"presets.teacher.lr None, this driver's is 0.1: give it another --record folder$"):
+        recording(kept, tmp_path / "elsewhere")
     older = {key: value for key, value in MADE_WITH.items() if key != "presets"}
     (kept / "driver.json").write_text(json.dumps(older))  # as an older kd wrote it
     with pytest.raises(record.UsageError, match=rf"^the record {kept} has no presets: give it another --record folder$"):
