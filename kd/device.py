@@ -218,3 +218,8 @@ def describe(device: torch.device) -> str:
         threads = torch.get_num_threads()
         return f"cpu ({cpu_name()}, {threads} thread{'s' if threads > 1 else ''})"
     return f"{device} ({torch.cuda.get_device_name(device)})"
+
+
+def gpu_count() -> Optional[int]:
+    """How many GPUs a driver may share out to its runs (CUDA_VISIBLE_DEVICES applied); None without CUDA."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else None

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
 
 from kd.config import Parser
-from kd.device import choose_precision, cpu_name
+from kd.device import choose_precision, cpu_name, gpu_count
 from kd.engine import format_duration
 from kd.errors import RunError, UsageError, main_guard
 from kd.experiment import BUDGETS, PRESETS, VARIANTS, all_modes, foreign_runs, gain, plain_loop_flags, plan
@@ -112,6 +112,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     trials = budget.trials if args.trials is None else args.trials
     if args.seeds < 1 or (trials != "grid" and trials < 0) or (args.parallel is not None and args.parallel < 1):
         raise UsageError("--seeds and --parallel must be >= 1 and --trials >= 0")
+    parallel = args.parallel or budget.parallel
+    gpus = gpu_count() if budget.gpu_per_run else None
+    if gpus is not None and parallel > gpus:  # a slot past the last GPU would see none and train on the CPU
+        raise UsageError(f"--parallel {parallel}: each run takes a GPU of its own and {gpus} are visible; give --parallel {gpus} or fewer")
     if any(flag.split("=", 1)[0] in ("--no-test-eval", "--test-eval") for flag in extra):
         raise UsageError("the leaderboard reads every run's test split: drop --no-test-eval (its searches' trials skip it by themselves)")
     out = Path(args.out)
@@ -137,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print_plan(jobs)
     if args.dry_run:
         return
-    began, parallel = time.monotonic(), args.parallel or budget.parallel
+    began = time.monotonic()
     hooks = {"on_done": lambda job: keeping.save(), "before": keeping.before} if keeping else {}
     failed, finished = execute(jobs, parallel, budget.threads, budget.gpu_per_run, **hooks)
     if keeping:

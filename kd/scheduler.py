@@ -100,6 +100,17 @@ def take_lock(job: Job):
     return lock
 
 
+def gpu_of(slot: int) -> str:
+    """The one GPU slot i trains on (--parallel N on N GPUs): the i-th of those CUDA_VISIBLE_DEVICES
+    names where it is set (a cluster's scheduler sets it, e.g. "4,5"), else GPU i; none ("") for a
+    slot past the last named (the driver refuses such a --parallel where there is CUDA)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return str(slot)
+    names = [name.strip() for name in visible.split(",") if name.strip()]
+    return names[slot] if slot < len(names) else ""
+
+
 def start(job: Job, slot: int, threads: Optional[int], gpu_per_run: bool) -> Optional[subprocess.Popen]:
     """The job's process, which inherits the lock and holds it until it exits, even if this
     driver is killed; None when another process holds it or finished it in the meantime."""
@@ -113,8 +124,8 @@ def start(job: Job, slot: int, threads: Optional[int], gpu_per_run: bool) -> Opt
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    if gpu_per_run and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        env["CUDA_VISIBLE_DEVICES"] = str(slot)  # --parallel N on N GPUs: slot i trains on GPU i
+    if gpu_per_run:
+        env["CUDA_VISIBLE_DEVICES"] = gpu_of(slot)
     # the child's inherited copy of the lock keeps it locked after ours is closed
     with open(f"{job.out}.log", "a") as log, lock or contextlib.nullcontext():
         return subprocess.Popen(job.argv(), stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(lock.fileno(),) if lock else ())
@@ -123,7 +134,7 @@ def start(job: Job, slot: int, threads: Optional[int], gpu_per_run: bool) -> Opt
 def execute(jobs: Sequence[Job], parallel: int, threads: Optional[int] = None, gpu_per_run: bool = False,
             on_done: Optional[Callable[[Job], None]] = None, before: Optional[Callable[[Job], None]] = None) -> Tuple[List[str], int]:
     """Run the jobs not done yet, `parallel` at a time (each with `threads` torch threads; with
-    `gpu_per_run`, slot i on GPU i), each once its needs are done; a failure skips what needs it
+    `gpu_per_run`, slot i on the i-th visible GPU), each once its needs are done; a failure skips what needs it
     and the rest goes on. A done job whose needs are still to run waits too: a search that goes
     on may outdate it. A job with a gate is judged once its needs and `after` have settled; one
     it leaves out is said so and not run. A job another process holds waits for it (said once)

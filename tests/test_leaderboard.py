@@ -328,6 +328,33 @@ def test_scheduler_order_parallelism_and_failures(tmp_path, capsys):
     assert all((tmp_path / name / "metrics.json").exists() for name in ("a", "b", "c", "d"))
 
 
+SAYS_ITS_GPU = ("import os, pathlib, sys, time\n"  # a run that notes the GPUs it was given
+                "out = pathlib.Path(sys.argv[1]); time.sleep(0.5); out.mkdir(parents=True, exist_ok=True)\n"
+                "(out / 'metrics.json').write_text(os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))\n")
+
+
+@pytest.mark.parametrize("visible, given", [(None, ["0", "1"]), ("4,7", ["4", "7"])])
+def test_scheduler_gives_each_parallel_run_one_of_the_visible_gpus(visible, given, tmp_path, monkeypatch):
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:  # as a cluster's scheduler sets it: the runs share out those GPUs, not GPUs 0 and 1
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    jobs = [scheduler.Job(name, tmp_path / name, [sys.executable, "-c", SAYS_ITS_GPU, str(tmp_path / name)]) for name in ("a", "b")]
+    assert scheduler.execute(jobs, parallel=2, gpu_per_run=True) == ([], 2)
+    assert sorted((tmp_path / name / "metrics.json").read_text() for name in ("a", "b")) == given
+
+
+def test_driver_refuses_more_parallel_runs_than_gpus(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(leaderboard, "gpu_count", lambda: 2)  # no GPU here: the count is what CUDA would say
+    lb = ["run", "--dataset", "d", "--out", str(tmp_path / "lb"), "--budget", "gpu", "--dry-run", "--parallel"]
+    with pytest.raises(SystemExit) as exit_info:  # a third run would see no GPU and train on the CPU
+        leaderboard.main([*lb, "3"])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and err == ["error: --parallel 3: each run takes a GPU of its own and 2 are visible; give --parallel 2 or fewer"]
+    leaderboard.main([*lb, "2"])
+    assert capsys.readouterr().out.splitlines()[-1].startswith("plan: ")
+
+
 HOLDER = ("import fcntl, pathlib, sys, time\n"  # another driver's run: it holds the lock, trains a while, finishes
           "lock = open(sys.argv[1], 'a'); fcntl.flock(lock, fcntl.LOCK_EX); pathlib.Path(sys.argv[3]).touch(); time.sleep(2)\n"
           "out = pathlib.Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True); (out / 'metrics.json').write_text('{}')\n")
