@@ -21,13 +21,15 @@ PUSHED = NEEDED + (CARD, "history.jsonl", "curves.png", "confusion_matrix.png") 
 BASE_TAGS = ["image-classification", "timm", "knowledge-distillation"]
 
 
-def read_run(run_dir: Path) -> Dict:
-    """run_config.json and metrics.json of a finished run; a one-line error otherwise."""
-    missing = [name for name in NEEDED if not (run_dir / name).is_file()]
+def read_run(run_dir: Path, metrics: Optional[Dict] = None) -> Dict:
+    """run_config.json and metrics.json of a finished run (or `metrics`, of a run that writes its
+    metrics.json after its card); a one-line error otherwise."""
+    missing = [name for name in NEEDED if not (run_dir / name).is_file() and not (metrics is not None and name == "metrics.json")]
     if missing:
         raise UsageError(f"{run_dir} is not a finished run folder (no {', '.join(missing)}); "
                          "pass the --output-dir of a completed training run")
-    run = {name: json.loads((run_dir / f"{name}.json").read_text()) for name in ("run_config", "metrics")}
+    run = {"run_config": json.loads((run_dir / "run_config.json").read_text()),
+           "metrics": json.loads((run_dir / "metrics.json").read_text()) if metrics is None else metrics}
     if "test" not in run["metrics"]:
         raise UsageError(f"{run_dir} was trained with --no-test-eval (e.g. a kd.tune trial): it has no test metrics to publish; "
                          "train it again without that flag")
@@ -119,8 +121,8 @@ def usage(repo_id: Optional[str], run_dir: Path) -> str:
     ])
 
 
-def card_text(run_dir: Path, repo_id: Optional[str]) -> str:
-    run = read_run(run_dir)
+def card_text(run_dir: Path, repo_id: Optional[str], metrics: Optional[Dict] = None) -> str:
+    run = read_run(run_dir, metrics)
     run_config, metrics = run["run_config"], run["metrics"]
     model = load_model(str(run_dir))
     architecture = model.pretrained_cfg.get("architecture") or run_config["train"]["model"]
@@ -152,12 +154,13 @@ def card_text(run_dir: Path, repo_id: Optional[str]) -> str:
     return "\n\n".join(sections) + "\n"
 
 
-def write_model_card(run_dir, repo_id: Optional[str] = None) -> Path:
-    """Write RUN_DIR/README.md from the run's files. Without `repo_id` the load snippet points at
-    the local folder; push_run's CLI rewrites it with the repo id before pushing."""
+def write_model_card(run_dir, repo_id: Optional[str] = None, metrics: Optional[Dict] = None) -> Path:
+    """Write RUN_DIR/README.md from the run's files (and `metrics`, where its metrics.json is
+    still to be written). Without `repo_id` the load snippet points at the local folder;
+    push_run's CLI rewrites it with the repo id before pushing."""
     run_dir = Path(run_dir)
     path = run_dir / CARD
-    write_text_atomic(path, card_text(run_dir, repo_id))
+    write_text_atomic(path, card_text(run_dir, repo_id, metrics))
     return path
 
 

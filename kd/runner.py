@@ -284,7 +284,8 @@ def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: Train
 
 def finish(accelerator: Accelerator, student, data: CifarData, state, run: RunArgs, val_loader, test_loader) -> Dict:
     """Evaluate the kept weights on val and test (test: unless --no-test-eval); export them,
-    write metrics.json, the curves, the confusion matrix and the model card."""
+    write the curves, the confusion matrix, the model card and, last, metrics.json, which marks
+    the run done (a run cut short before it is resumed, not taken for finished)."""
     out = Path(run.output_dir)
     student.load_state_dict(checkpoint.kept_student(out / CHECKPOINT))
     metrics = {"test": engine.evaluate(accelerator, student, test_loader, data.class_names)} if run.test_eval else {}
@@ -296,14 +297,14 @@ def finish(accelerator: Accelerator, student, data: CifarData, state, run: RunAr
     if accelerator.is_main_process:
         student.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
         export_model(student, out, data.class_names, data.mean, data.std)
-        write_json_atomic(out / "metrics.json", metrics)
         plot_history(state.history, out / "curves.png")
         if run.test_eval:
             plot_confusion_matrix(metrics["test"]["confusion_matrix"], data.class_names, out / "confusion_matrix.png")
-            write_model_card(out, run.push_to_hub)
+            write_model_card(out, run.push_to_hub, metrics)
         else:  # a finished run re-finished with --no-test-eval: no test figures left beside metrics.json
             for stale in (out / "confusion_matrix.png", out / CARD):
                 stale.unlink(missing_ok=True)
+        write_json_atomic(out / "metrics.json", metrics)  # last: it marks the run done, its figures and card written
     if run.test_eval:
         accelerator.log(tracking.flat_metrics("test", metrics["test"]), step=state.epoch)
         tracking.log_confusion_matrix(accelerator, "test/confusion_matrix", metrics["test"]["confusion_matrix"], data.class_names, state.epoch)

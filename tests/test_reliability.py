@@ -193,6 +193,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, 
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+def test_metrics_json_comes_last_so_a_run_whose_card_failed_is_not_taken_for_done(tiny_dataset, tiny_teacher, tmp_path):
+    """metrics.json marks a run done for the driver and kd.report: a finish that fails at the
+    model card leaves none, and the next --resume writes the figures, the card and metrics.json."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_teacher, run)
+    for written in ("metrics.json", "README.md", "confusion_matrix.png"):
+        (run / written).unlink()
+    (run / "README.md").mkdir()  # the card cannot be written over a folder
+    flags = ("train_teacher.py", "--dataset", tiny_dataset, "--model", "cifar_resnet8", "--output-dir", run, *TINY_FLAGS, "--resume")
+    assert run_script(*flags, check=False).returncode != 0
+    assert not (run / "metrics.json").exists() and (run / "confusion_matrix.png").is_file()
+    (run / "README.md").rmdir()
+    run_script(*flags)
+    assert "test" in json.loads((run / "metrics.json").read_text()) and (run / "README.md").is_file()
+
+
 def test_no_test_eval_leaves_no_test_figures_and_cannot_be_published(tiny_dataset, tiny_teacher, tmp_path):
     """A finished run re-finished with --resume --no-test-eval keeps no test figures beside its
     metrics; such a folder (a kd.tune trial has the same) is refused by kd.hub push in one line."""
