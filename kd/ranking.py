@@ -79,10 +79,12 @@ def searched_settings(run: Run) -> str:
     from kd.space import methods  # the spaces are declared on the method classes
 
     method = run.config.get("method", "supervised")
-    space = getattr(methods().get(method), "search_space", {})
+    known = methods().get(method)
     values = {**run.config["train"], **(run.config.get("distill") or {})}
+    replaced = getattr(known, "standardized_by", {}) if values.get("logit_standardization") else {}
+    names = dict.fromkeys(used for name in getattr(known, "search_space", {}) for used in replaced.get(name, (name,)))  # what it trained with
     shown = lambda value: f"{value:.3g}" if isinstance(value, float) else _fmt_value(value)  # noqa: E731
-    return ", ".join(f"{SHORT_NAMES.get(name, name)}={shown(values.get(name))}" for name in space)
+    return ", ".join(f"{SHORT_NAMES.get(name, name)}={shown(values.get(name))}" for name in names)
 
 
 def measured_on(run: Run) -> str:

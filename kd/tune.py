@@ -110,10 +110,16 @@ def training_entry(method: str):
             lambda argv, on_epoch: cli.distill.__wrapped__(argv, on_epoch=on_epoch))
 
 
-def check_training_args(method: str, training_args: List[str]) -> TrainConfig:
-    """Parse the training flags once, before any trial: a wrong flag fails now, in one line."""
+def check_training_args(method: str, training_args: List[str], searched: Sequence[str] = ()) -> TrainConfig:
+    """Parse the training flags once, before any trial: a wrong flag, or a searched setting
+    that the flags make do nothing, fails now, in one line."""
     parser, _ = training_entry(method)
-    cfg, _, run = parse(parser, training_args + (["--mode", method] if method != SUPERVISED else []))
+    cfg, distill, run = parse(parser, training_args + (["--mode", method] if method != SUPERVISED else []))
+    replaced = DISTILLERS[method].standardized_by if distill is not None and distill.logit_standardization else {}
+    idle = next((name for name in searched if name in replaced), None)
+    if idle:
+        raise UsageError(f"with --logit-standardization, {method} trains with {' and '.join(replaced[idle])} in place of {idle}: "
+                         f"a search over {idle} would change nothing; leave out --logit-standardization or {idle}")
     if cfg.val_size <= 0:
         raise UsageError("kd.tune selects on the validation split: --val-size must be > 0")
     if run.push_to_hub:
@@ -264,7 +270,7 @@ def tune(argv: Optional[Sequence[str]] = None) -> Dict:
     if size is not None and trials > size:
         raise UsageError(f"--trials {trials} is more than the grid's {size} points")
     space = search_space(args.method, list(grid) if grid else args.params)
-    epochs = check_training_args(args.method, training_args).epochs
+    epochs = check_training_args(args.method, training_args, list(space)).epochs
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial; a failing trial ends in one error line, no traceback

@@ -83,6 +83,22 @@ def test_leaderboard_rows(board_root, tmp_path, capsys):
     assert (tmp_path / "board.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_standardized_row_names_the_settings_it_trained_with(tmp_path, capsys):
+    """--logit-standardization trains logits with ls_temperature, ls_ce_weight and ls_kd_weight in
+    place of T and alpha: its row shows those, not the T and alpha that did nothing."""
+    root = tmp_path / "board"
+    teacher = write_run(root / "teacher", (0.85,) * 4, model="cifar_resnet20", role="teacher")
+    for seed in (0, 1):
+        write_run(root / "student" / f"s{seed}", (0.70 + seed / 100,) * 4, seed=seed, role="student")
+    plain = {**DISTILL, "logit_standardization": False, "ls_temperature": 2.0, "ls_ce_weight": 0.1, "ls_kd_weight": 9.0}
+    write_run(root / "logits" / "s0", (0.78,) * 4, distill=plain, teacher=str(teacher))
+    write_run(root / "logits-ls" / "s0", (0.79,) * 4, distill={**plain, "logit_standardization": True}, teacher=str(teacher))
+    report.main([str(root), "--leaderboard", "--output", str(tmp_path / "board.md")])
+    settings = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in capsys.readouterr().out.splitlines() if line.startswith("| distill")}
+    assert settings == {"distill logits (cifar_resnet8) LS=True": "ls_temperature=2, ls_ce_weight=0.1, ls_kd_weight=9",
+                        "distill logits (cifar_resnet8) LS=False": "T=4, alpha=0.9"}
+
+
 def test_a_collapsed_row_does_not_squeeze_the_others_out_of_the_plot(board_root, tmp_path):
     """DKD at its paper weights diverges on the cpu budget (Δ F1 about -0.7); the plot spans the
     other rows' intervals and zero, and pins the collapsed row to the left edge."""

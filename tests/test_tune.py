@@ -246,6 +246,9 @@ class NoSpace(Distiller):
     (["--method", "supervised", "--grid", "lr=0.1", "--trials", "2"], "--trials 2 is more than the grid's 1 points"),
     (["--method", "dkd", "--grid", "dkd_beta=2", "--params", "dkd_beta"], "leave out --params"),
     (["--method", "logits", "--trials", "2", "--push-to-hub", "me/model"], "kd.tune's trials are not published: drop --push-to-hub"),
+    (["--method", "logits", "--trials", "2", "--logit-standardization"],
+     "with --logit-standardization, logits trains with ls_temperature in place of temperature: a search over temperature would change nothing"),
+    (["--method", "dist", "--grid", "dist_beta=1,2", "temperature=2,4", "--logit-standardization"], "dist trains with ls_temperature in place of temperature"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(DISTILLERS, "no-space", NoSpace)

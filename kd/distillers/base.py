@@ -73,6 +73,7 @@ class Distiller(nn.Module):
     search_grid: Dict[str, tuple] = {}
 
     standardizable = False  # has a temperature-softmax logits term that --logit-standardization z-scores
+    standardized_by: Dict[str, Tuple[str, ...]] = {}  # with it, the settings used in place of these (which then do nothing)
 
     def __init__(self, student: nn.Module, teacher: FrozenTeacher = None, label_smoothing: float = 0.0, num_train: int = None):
         super().__init__()

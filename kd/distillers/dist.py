@@ -34,6 +34,7 @@ class DIST(Distiller):
     """loss = CE + beta * inter-class + gamma * intra-class (paper's CIFAR code: 2, 2, T = 4)."""
 
     standardizable = True
+    standardized_by = {"temperature": ("ls_temperature",)}
     search_space = {"temperature": ("float", 1.0, 8.0, {"log": True}), "dist_beta": ("float", 0.5, 8.0, {"log": True}),
                     "dist_gamma": ("float", 0.5, 8.0, {"log": True})}
     search_grid = {"temperature": (1.0, 2.0, 4.0)}  # the paper: 1 on ImageNet, 4 on CIFAR

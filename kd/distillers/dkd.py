@@ -31,6 +31,7 @@ class DKD(Distiller):
     over the first `warmup_epochs` (the paper: 20 of 240 epochs; default here: 1/12 of the run)."""
 
     standardizable = True
+    standardized_by = {"temperature": ("ls_temperature",)}
     search_space = {"temperature": ("float", 1.0, 8.0, {"log": True}), "dkd_alpha": ("float", 0.25, 4.0, {"log": True}),
                     "dkd_beta": ("float", 1.0, 16.0, {"log": True})}
     search_grid = {"dkd_beta": (1.0, 2.0, 4.0)}  # the paper's 8 diverges at lr 0.4 (README, Results)

@@ -37,6 +37,7 @@ class LogitsKD(Distiller):
     logits at T = ls_temperature (the paper's CIFAR recipe: 0.1, 9 and 2)."""
 
     standardizable = True
+    standardized_by = {"temperature": ("ls_temperature",), "alpha": ("ls_ce_weight", "ls_kd_weight")}
     search_space = {"temperature": ("float", 1.0, 8.0, {"log": True}), "alpha": ("float", 0.1, 0.95)}
     search_grid = {"temperature": (2.0, 4.0, 8.0)}
 
