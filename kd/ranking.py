@@ -220,7 +220,7 @@ def x_span(points: Sequence[Tuple[float, float, float]]) -> Optional[Tuple[float
     return low - pad, high + pad
 
 
-def draw(items: Sequence[Entry], baseline: Row, path: Path) -> Path:
+def draw(items: Sequence[Entry], baseline: Row, path: Path, split: str = "test") -> Path:
     """Δ F1 macro from the baseline per row with its 95% interval as the error bar; rows with
     too few seeds for an interval are drawn as a point, rows that collapsed (see x_span) as an
     arrow at the left edge with their Δ written beside it."""
@@ -248,6 +248,6 @@ def draw(items: Sequence[Entry], baseline: Row, path: Path) -> Path:
         axes.set_xlim(*span)
     axes.axvline(0, color="black", linewidth=0.8)
     axes.set_yticks(list(positions), [f"{entry.row.label} (n={entry.row.n})" for entry in shown])
-    axes.set_xlabel(f"Δ test F1 macro from {baseline.label} (95% Welch interval)")
+    axes.set_xlabel(f"Δ {split} F1 macro from {baseline.label} (95% Welch interval)")
     axes.grid(alpha=0.3, axis="x")
     return save_png_atomic(figure, Path(path))

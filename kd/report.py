@@ -235,7 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:  # returns None: the con
         entries = ranking.entries(rows, baseline, args.split)
         markdown = ranking.to_markdown(entries, baseline, args.split) + "\n" + "\n".join(_provenance(rows)) + "\n"
         write_text_atomic(output, markdown)
-        ranking.draw(entries, baseline, chart)
+        ranking.draw(entries, baseline, chart, args.split)
     else:
         markdown = to_markdown(rows, args.split)
         write_text_atomic(output, markdown)

@@ -168,3 +168,11 @@ def test_plain_loop_against_ours_with_the_welch_interval():
                          "| plain − kd [95% CI] | | -0.0600 [-0.1053, -0.0147] | +0.0000 [+0.0000, +0.0000] |"]
     one = ranking.plain_loop_markdown(ours, plain[:1]).splitlines()
     assert one[5] == "| plain PyTorch (`scripts/plain_loop.py`) | 1 | 0.7000 | 0.7000 |" and one[6].endswith("| n/a (n < 2) | n/a (n < 2) |")
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_the_plot_names_the_split_it_compares(split, board_root, tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(ranking, "save_png_atomic", lambda figure, path: drawn.append(figure) or path)
+    report.main([str(board_root), "--leaderboard", "--split", split, "--output", str(tmp_path / "board.md")])
+    assert drawn[0].axes[0].get_xlabel() == f"Δ {split} F1 macro from student (cifar_resnet8) (95% Welch interval)"
