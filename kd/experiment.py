@@ -81,18 +81,35 @@ def search_budget(mode: str, trials: Union[int, str]) -> Optional[Tuple[List[str
     return (["--grid", *grid_specs(grid)], len(grid_points(grid)), grid) if grid else None
 
 
+def check_flags(budget: Budget, dataset: str, extra: Sequence[str], modes: Sequence[str]) -> None:
+    """The driver passes its extra flags to every run: each script that will train takes them
+    (the teacher's and each method's only where a row distils), or a one-line error now, before
+    anything is restored or run, rather than every run failing in its own log."""
+    scripts = [("train_student.py", budget.student, ROLES["student"], [])]
+    distilled = list(dict.fromkeys(VARIANTS.get(mode, (mode, []))[0] for mode in modes if mode != SUPERVISED))
+    if distilled:
+        scripts.insert(0, ("train_teacher.py", budget.teacher, ROLES["teacher"], []))
+    scripts += [("distill.py", budget.student, {**ROLES["student"], "output_dir": None}, ["--mode", mode, "--teacher", "TEACHER"])
+                for mode in distilled]
+    for script, preset, role, method in scripts:
+        parser, refused = config.build_parser(script, "", role, **({"distill_modes": list(DISTILLERS)} if method else {})), io.StringIO()
+        try:
+            with contextlib.redirect_stderr(refused):
+                config.parse(parser, ["--config", str(PRESETS / preset), "--dataset", dataset, *method, *extra])
+        except (SystemExit, UsageError) as error:
+            said = refused.getvalue().strip().splitlines()
+            why = said[-1].removeprefix("error: ") if said else str(error)
+            raise UsageError(f"{script}{' --mode ' + method[1] if method else ''} refuses the driver's flags, which go to every run: {why}") from None
+
+
 def plain_loop_flags(budget: Budget, dataset: str, extra: Sequence[str]) -> Tuple[Optional[List[str]], str]:
     """scripts/plain_loop.py's flags at the student budget as the baseline's runs resolve it
-    (preset, then `extra`; the precision kd picks on this machine), or None and why it cannot
-    train at that budget."""
+    (preset, then `extra`, which check_flags has let through; the precision kd picks on this
+    machine), or None and why it cannot train at that budget."""
     if not any((Path(dataset) / "plain_text").glob("train-*.parquet")):
         return None, f"it reads a local folder in the Hub's layout (plain_text/train-*.parquet), and {dataset} is not one"
-    student, refused = config.build_parser("train_student.py", "", ROLES["student"]), io.StringIO()
-    try:
-        with contextlib.redirect_stderr(refused):
-            cfg, _, run = config.parse(student, ["--config", str(PRESETS / budget.student), "--dataset", dataset, *extra])
-    except (SystemExit, UsageError) as error:  # the baseline's runs will refuse them too, each in its log
-        return None, f"train_student.py refuses the flags ({refused.getvalue().strip() or error})"
+    student = config.build_parser("train_student.py", "", ROLES["student"])
+    cfg, _, run = config.parse(student, ["--config", str(PRESETS / budget.student), "--dataset", dataset, *extra])  # check_flags took them
     differs = {"label_smoothing": cfg.label_smoothing != 0, "grad_accum": cfg.grad_accum != 1,
                "max_train_samples": cfg.max_train_samples is not None, "max_eval_samples": cfg.max_eval_samples is not None}
     unequal = [name for name, set_here in differs.items() if set_here]

@@ -26,7 +26,7 @@ from kd.config import Parser
 from kd.device import choose_precision, cpu_name, gpu_count
 from kd.engine import format_duration
 from kd.errors import RunError, UsageError, main_guard
-from kd.experiment import BUDGETS, PRESETS, VARIANTS, all_modes, foreign_runs, gain, plain_loop_flags, plan
+from kd.experiment import BUDGETS, PRESETS, VARIANTS, all_modes, check_flags, foreign_runs, gain, plain_loop_flags, plan
 from kd.export import write_text_atomic
 from kd.record import Recording
 from kd.scheduler import Job, execute
@@ -120,6 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise UsageError("the leaderboard reads every run's test split: drop --no-test-eval (its searches' trials skip it by themselves)")
     out = Path(args.out)
     tuned_top = getattr(args, "tuned_top", budget.tuned_top)
+    check_flags(budget, args.dataset, extra, modes)
     plain, why_not = plain_loop_flags(budget, args.dataset, extra)
     jobs = plan(out, budget, args.dataset, args.seeds, trials, modes, extra, tuned_top, plain)
     for mode in modes:
