@@ -41,15 +41,20 @@ def print_layers(student, teacher: FrozenTeacher) -> None:
 
 
 @main_guard
-def distill(argv: Optional[Sequence[str]] = None, on_epoch: Optional[runner.EpochCallback] = None) -> Optional[Dict]:
-    """Distil a student; returns the final metrics (None with --list-layers)."""
-    parser = build_parser(
+def distill_parser():
+    """distill.py's flags (also what kd.tune and the leaderboard driver check a method's flags with)."""
+    return build_parser(
         "distill.py",
         "Train a student from a frozen teacher. --alpha weighs the teacher: "
         "loss = (1-alpha)*CE + alpha*T^2*KL (some libraries use the opposite convention).",
         {**ROLES["student"], "output_dir": None},
         distill_modes=list(DISTILLERS),
     )
+
+
+def distill(argv: Optional[Sequence[str]] = None, on_epoch: Optional[runner.EpochCallback] = None) -> Optional[Dict]:
+    """Distil a student; returns the final metrics (None with --list-layers)."""
+    parser = distill_parser()
     cfg, distill, run = parse(parser, argv)
     if run.output_dir is None:
         run = dataclasses.replace(run, output_dir=f"outputs/distill-{distill.mode}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from kd import config
-from kd.cli import ROLES
+from kd.cli import ROLES, distill_parser
 from kd.device import choose_precision
 from kd.distillers import DISTILLERS
 from kd.errors import UsageError
@@ -85,14 +85,14 @@ def check_flags(budget: Budget, dataset: str, extra: Sequence[str], modes: Seque
     """The driver passes its extra flags to every run: each script that will train takes them
     (the teacher's and each method's only where a row distils), or a one-line error now, before
     anything is restored or run, rather than every run failing in its own log."""
-    scripts = [("train_student.py", budget.student, ROLES["student"], [])]
+    role_parser = lambda role: config.build_parser(f"train_{role}.py", "", ROLES[role])  # noqa: E731
+    scripts = [("train_student.py", budget.student, role_parser("student"), [])]
     distilled = list(dict.fromkeys(VARIANTS.get(mode, (mode, []))[0] for mode in modes if mode != SUPERVISED))
     if distilled:
-        scripts.insert(0, ("train_teacher.py", budget.teacher, ROLES["teacher"], []))
-    scripts += [("distill.py", budget.student, {**ROLES["student"], "output_dir": None}, ["--mode", mode, "--teacher", "TEACHER"])
-                for mode in distilled]
-    for script, preset, role, method in scripts:
-        parser, refused = config.build_parser(script, "", role, **({"distill_modes": list(DISTILLERS)} if method else {})), io.StringIO()
+        scripts.insert(0, ("train_teacher.py", budget.teacher, role_parser("teacher"), []))
+    scripts += [("distill.py", budget.student, distill_parser(), ["--mode", mode, "--teacher", "TEACHER"]) for mode in distilled]
+    for script, preset, parser, method in scripts:
+        refused = io.StringIO()
         try:
             with contextlib.redirect_stderr(refused):
                 config.parse(parser, ["--config", str(PRESETS / preset), "--dataset", dataset, *method, *extra])

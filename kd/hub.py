@@ -24,7 +24,8 @@ BASE_TAGS = ["image-classification", "timm", "knowledge-distillation"]
 def read_run(run_dir: Path, metrics: Optional[Dict] = None) -> Dict:
     """run_config.json and metrics.json of a finished run (or `metrics`, of a run that writes its
     metrics.json after its card); a one-line error otherwise."""
-    missing = [name for name in NEEDED if not (run_dir / name).is_file() and not (metrics is not None and name == "metrics.json")]
+    needed = NEEDED if metrics is None else [name for name in NEEDED if name != "metrics.json"]
+    missing = [name for name in needed if not (run_dir / name).is_file()]
     if missing:
         raise UsageError(f"{run_dir} is not a finished run folder (no {', '.join(missing)}); "
                          "pass the --output-dir of a completed training run")

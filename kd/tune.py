@@ -106,7 +106,7 @@ def training_entry(method: str):
     if method == SUPERVISED:
         return (kd_config.build_parser("train_student.py", "", cli.ROLES["student"]),
                 lambda argv, on_epoch: cli.train.__wrapped__("student", argv, on_epoch=on_epoch))
-    return (kd_config.build_parser("distill.py", "", {**cli.ROLES["student"], "output_dir": None}, distill_modes=list(DISTILLERS)),
+    return (cli.distill_parser(),
             lambda argv, on_epoch: cli.distill.__wrapped__(argv, on_epoch=on_epoch))
 
 
