@@ -40,7 +40,6 @@ def print_layers(student, teacher: FrozenTeacher) -> None:
             print(f"  {name:10s} {'x'.join(map(str, shape))}")
 
 
-@main_guard
 def distill_parser():
     """distill.py's flags (also what kd.tune and the leaderboard driver check a method's flags with)."""
     return build_parser(
@@ -52,6 +51,7 @@ def distill_parser():
     )
 
 
+@main_guard
 def distill(argv: Optional[Sequence[str]] = None, on_epoch: Optional[runner.EpochCallback] = None) -> Optional[Dict]:
     """Distil a student; returns the final metrics (None with --list-layers)."""
     parser = distill_parser()
