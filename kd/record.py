@@ -5,7 +5,8 @@ teacher's weights, and what every run was made with (driver.json: budget, data s
 flags, precision, machine, the budget's presets).
 
 A driver on a new machine (`kd.leaderboard run --record DIR`) restores from it what it can
-trust, into folders that do not exist here: at once the runs and the search that need no
+trust (its runs' curves and test confusion matrix drawn again from those files),
+into folders that do not exist here: at once the runs and the search that need no
 teacher (the student's, the plain loop's), the rest once the teacher trained again here has the
 record's weights (on the same kind of machine, the same settings and seed train the same weights
 bit for bit). A record made otherwise (another budget, data set, flags, precision, machine or
@@ -134,6 +135,21 @@ def copy_item(origin: Path, copy: Path) -> None:
         write_bytes_atomic(copy / name, data)
 
 
+def draw_figures(run: Path) -> None:
+    """A restored run's curves and test confusion matrix, drawn again from its small files (the
+    record keeps no PNG), as the run drew them, so that its folder looks like one trained here."""
+    from kd.plots import curves, plot_confusion_matrix, plot_history
+
+    metrics = json.loads((run / RUN_FILES[-1]).read_text())
+    if (run / "history.jsonl").is_file():
+        history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
+        if curves(history):  # nothing to plot in a history without losses or metrics
+            plot_history(history, run / "curves.png")
+    test = metrics.get("test") or {}
+    if "confusion_matrix" in test and "per_class" in test:  # per_class is keyed by class name, in label order
+        plot_confusion_matrix(test["confusion_matrix"], list(test["per_class"]), run / "confusion_matrix.png")
+
+
 def flat(settings: Dict, prefix: str = "") -> Dict:
     """Nested settings (a preset's) as one level of dotted keys."""
     out = {}
@@ -221,6 +237,8 @@ class Recording:
         staging = Path(tempfile.mkdtemp(dir=self.out, prefix=".restoring."))
         try:
             copy_item(self.record / folder, staging / folder)
+            for run in (staging / folder).rglob(RUN_FILES[-1]):
+                draw_figures(run.parent)
             (self.out / folder).parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(staging / folder, self.out / folder)

@@ -199,3 +199,17 @@ def test_a_search_saved_while_a_trial_trains_leaves_that_trial_out(tmp_path):
         write(search_folder / "trials" / number / "history.jsonl", '{"epoch": 1}\n')
     recording(tmp_path / "record", out).save()
     assert sorted(path.name for path in (tmp_path / "record" / "tune" / "student" / "trials").iterdir()) == ["000", "001"]
+
+
+def test_a_restored_run_gets_its_curves_and_confusion_matrix_drawn_again_from_its_small_files(tmp_path):
+    out, kept = leaderboard_folder(tmp_path / "lb"), tmp_path / "record"
+    test = {"confusion_matrix": [[3, 1], [0, 4]], "per_class": {"cat": {"f1": 0.8}, "dog": {"f1": 0.9}}}
+    write(out / "runs/student/default/s0/metrics.json", json.dumps({"test": test, "val": {"f1_macro": 0.5}}))
+    write(out / "runs/student/default/s0/history.jsonl", '{"epoch": 1, "loss": 2.0, "val_f1_macro": 0.4}\n')
+    recording(kept, out).save()
+    assert not list(kept.rglob("*.png"))  # the record keeps small files only
+    fresh = tmp_path / "new-machine"
+    recording(kept, fresh).restore()
+    restored = fresh / "runs/student/default/s0"
+    assert (restored / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG" and (restored / "curves.png").is_file()
+    assert not (fresh / "plain/s0/confusion_matrix.png").exists()  # no test split in its metrics: nothing to draw
