@@ -32,6 +32,7 @@ TEACHER = Path("runs") / "teacher"
 WEIGHTS_HASH = "model.safetensors.sha256"  # in the record's teacher folder, in place of the weights
 STUDENT_SEARCH = Path("tune") / "student"  # the baseline's search: the one that needs no teacher
 MADE_WITH = "driver.json"
+STAGING = ".restoring."  # + the restoring driver's pid: a folder of a driver killed mid-restore is swept by the next
 ABSENT = object()  # a setting one side does not have, told apart from one whose value is None
 
 
@@ -150,6 +151,16 @@ def draw_figures(run: Path) -> None:
         plot_confusion_matrix(test["confusion_matrix"], list(test["per_class"]), run / "confusion_matrix.png")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def flat(settings: Dict, prefix: str = "") -> Dict:
     """Nested settings (a preset's) as one level of dotted keys."""
     out = {}
@@ -211,6 +222,7 @@ class Recording:
     def restore(self, only: Optional[Path] = None) -> List[Path]:
         """Copy from the record each item (or only `only`) whose folder does not exist here: a
         folder here, finished or not, always wins. Returns the folders restored."""
+        self._sweep()
         why, restored, held_back = self.teacher_differs(), [], 0
         candidates = list(items(self.record)) if only is None else [only] if is_item(self.record, only) else []
         for folder in candidates:
@@ -228,13 +240,21 @@ class Recording:
             self.note(f"the runs and searches of {self.record} that need the teacher are not restored: {why}")
         return restored
 
+    def _sweep(self) -> None:
+        """Remove the staging folders of drivers that died mid-restore (killed: their finally never
+        ran); those of a driver still running, which may be restoring into this folder now, stay."""
+        for staging in self.out.glob(STAGING + "*"):
+            pid = staging.name[len(STAGING):].split(".")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(staging, ignore_errors=True)
+
     def _restore(self, folder: Path) -> bool:
         """Copy one item into a hidden folder beside the runs, then rename it into place: a
         restore cut short leaves no folder of the item here (which would win over the record
         and train again), and the next driver restores it whole. False where another driver
         put the folder here first."""
         self.out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=self.out, prefix=".restoring."))
+        staging = Path(tempfile.mkdtemp(dir=self.out, prefix=f"{STAGING}{os.getpid()}."))
         try:
             copy_item(self.record / folder, staging / folder)
             for run in (staging / folder).rglob(RUN_FILES[-1]):

@@ -213,3 +213,20 @@ def test_a_restored_run_gets_its_curves_and_confusion_matrix_drawn_again_from_it
     restored = fresh / "runs/student/default/s0"
     assert (restored / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG" and (restored / "curves.png").is_file()
     assert not (fresh / "plain/s0/confusion_matrix.png").exists()  # no test split in its metrics: nothing to draw
+
+
+def test_a_driver_killed_mid_restore_leaves_a_staging_folder_that_the_next_restore_sweeps(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    kept, fresh = tmp_path / "record", tmp_path / "fresh"
+    recording(kept, leaderboard_folder(tmp_path / "lb")).save()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    killed = fresh / f".restoring.{dead.stdout.strip()}.abc"  # SIGKILL: its finally never ran
+    running = fresh / f".restoring.{os.getpid()}.def"  # a driver still restoring into this folder
+    write(killed / "runs/student/default/s0/history.jsonl")
+    write(running / "runs/student/default/s0/history.jsonl")
+    recording(kept, fresh).restore()
+    assert not killed.exists() and running.exists()
+    assert (fresh / "runs/student/default/s0/metrics.json").is_file()
