@@ -16,11 +16,15 @@ ROLES = {
 }
 
 
+def train_parser(role: str):
+    """train_teacher.py's or train_student.py's flags (also what kd.tune and the leaderboard driver check them with)."""
+    return build_parser(f"train_{role}.py", f"Train the {role} on CIFAR-10 with cross-entropy.", ROLES[role])
+
+
 @main_guard
 def train(role: str, argv: Optional[Sequence[str]] = None, on_epoch: Optional[runner.EpochCallback] = None) -> Dict:
     """Train the teacher or the student baseline; returns the final metrics."""
-    parser = build_parser(f"train_{role}.py", f"Train the {role} on CIFAR-10 with cross-entropy.", ROLES[role])
-    cfg, _, run = parse(parser, argv)
+    cfg, _, run = parse(train_parser(role), argv)
     supervised = lambda student, data, accelerator: Supervised(student, label_smoothing=cfg.label_smoothing)  # noqa: E731
     return runner.run(cfg, run, supervised, extra={"role": role, "method": "supervised"}, on_epoch=on_epoch)
 

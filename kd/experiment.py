@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from kd import config
-from kd.cli import ROLES, distill_parser
+from kd.cli import distill_parser, train_parser
 from kd.device import choose_precision
 from kd.distillers import DISTILLERS
 from kd.errors import UsageError
@@ -85,11 +85,10 @@ def check_flags(budget: Budget, dataset: str, extra: Sequence[str], modes: Seque
     """The driver passes its extra flags to every run: each script that will train takes them
     (the teacher's and each method's only where a row distils), or a one-line error now, before
     anything is restored or run, rather than every run failing in its own log."""
-    role_parser = lambda role: config.build_parser(f"train_{role}.py", "", ROLES[role])  # noqa: E731
-    scripts = [("train_student.py", budget.student, role_parser("student"), [])]
+    scripts = [("train_student.py", budget.student, train_parser("student"), [])]
     distilled = list(dict.fromkeys(VARIANTS.get(mode, (mode, []))[0] for mode in modes if mode != SUPERVISED))
     if distilled:
-        scripts.insert(0, ("train_teacher.py", budget.teacher, role_parser("teacher"), []))
+        scripts.insert(0, ("train_teacher.py", budget.teacher, train_parser("teacher"), []))
     scripts += [("distill.py", budget.student, distill_parser(), ["--mode", mode, "--teacher", "TEACHER"]) for mode in distilled]
     for script, preset, parser, method in scripts:
         refused = io.StringIO()
@@ -108,8 +107,7 @@ def plain_loop_flags(budget: Budget, dataset: str, extra: Sequence[str]) -> Tupl
     machine), or None and why it cannot train at that budget."""
     if not any((Path(dataset) / "plain_text").glob("train-*.parquet")):
         return None, f"it reads a local folder in the Hub's layout (plain_text/train-*.parquet), and {dataset} is not one"
-    student = config.build_parser("train_student.py", "", ROLES["student"])
-    cfg, _, run = config.parse(student, ["--config", str(PRESETS / budget.student), "--dataset", dataset, *extra])  # check_flags took them
+    cfg, _, run = config.parse(train_parser("student"), ["--config", str(PRESETS / budget.student), "--dataset", dataset, *extra])  # check_flags took them
     differs = {"label_smoothing": cfg.label_smoothing != 0, "grad_accum": cfg.grad_accum != 1,
                "max_train_samples": cfg.max_train_samples is not None, "max_eval_samples": cfg.max_eval_samples is not None}
     unequal = [name for name, set_here in differs.items() if set_here]

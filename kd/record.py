@@ -140,12 +140,11 @@ def draw_figures(run: Path) -> None:
     """A restored run's curves and test confusion matrix, drawn again from its small files (the
     record keeps no PNG), as the run drew them, so that its folder looks like one trained here."""
     from kd.plots import curves, plot_confusion_matrix, plot_history
+    from kd.ranking import history
 
-    metrics = json.loads((run / RUN_FILES[-1]).read_text())
-    if (run / "history.jsonl").is_file():
-        history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
-        if curves(history):  # nothing to plot in a history without losses or metrics
-            plot_history(history, run / "curves.png")
+    metrics, epochs = json.loads((run / RUN_FILES[-1]).read_text()), history(run)
+    if curves(epochs):  # nothing to plot in a history without losses or metrics
+        plot_history(epochs, run / "curves.png")
     test = metrics.get("test") or {}
     if "confusion_matrix" in test and "per_class" in test:  # per_class is keyed by class name, in label order
         plot_confusion_matrix(test["confusion_matrix"], list(test["per_class"]), run / "confusion_matrix.png")
@@ -156,8 +155,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # another user's process: alive
+        pass
     return True
 
 

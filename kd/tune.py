@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from kd import cli
-from kd import config as kd_config
 from kd.config import Parser, TrainConfig, parse
 from kd.distillers import DISTILLERS
 from kd.errors import RunError, UsageError, main_guard
@@ -104,7 +103,7 @@ def training_entry(method: str):
     """(parser, train(argv, on_epoch)) of the script that trains `method`; unguarded, so that a
     user error reaches this command's own one-line handler."""
     if method == SUPERVISED:
-        return (kd_config.build_parser("train_student.py", "", cli.ROLES["student"]),
+        return (cli.train_parser("student"),
                 lambda argv, on_epoch: cli.train.__wrapped__("student", argv, on_epoch=on_epoch))
     return (cli.distill_parser(),
             lambda argv, on_epoch: cli.distill.__wrapped__(argv, on_epoch=on_epoch))
