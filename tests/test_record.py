@@ -234,24 +234,26 @@ def test_a_driver_killed_mid_restore_leaves_a_staging_folder_that_the_next_resto
 
 def test_no_file_a_record_keeps_is_hidden_from_git_by_an_ignore_pattern():
     """A record is a folder to commit: an ignore pattern matching a row's name (an unanchored
-    `dist/` once hid every DIST run of every record) loses those runs without a word. Every
-    method's default and tuned runs, the searches, the teacher and the plain loop are checked
-    against this repository's .gitignore."""
+    `dist/` once hid every DIST run of every record) loses those runs without a word. The files
+    kd.record keeps for every method's default and tuned runs, its searches, the teacher and the
+    plain loop are checked against this repository's .gitignore."""
     import subprocess
     from pathlib import Path
 
     from kd.experiment import all_modes
+    from kd.space import SUPERVISED
 
     root = Path(__file__).resolve().parents[1]
     if not (root / ".git").exists():
         pytest.skip("not a git checkout (an unpacked sdist): no .gitignore to check")
-    rows = [mode if mode != "supervised" else "student" for mode in all_modes()]
-    paths = [f"results/lb/runs/{row}/{kind}/s0/{name}" for row in rows for kind in ("default", "tuned")
-             for name in ("metrics.json", "history.jsonl", "run_config.json", "confusion_matrix.png")]
-    paths += [f"results/lb/tune/{row}/{name}" for row in rows for name in ("study.db", "best.yaml", "trials/000/metrics.json")]
-    paths += ["results/lb/runs/teacher/metrics.json", f"results/lb/runs/teacher/{record.WEIGHTS_HASH}",
-              "results/lb/plain/s0/metrics.json", "results/lb/driver.json", "results/lb/leaderboard.png"]
-    checked = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=root, input="\n".join(paths),
+    kept = Path("results/lb")
+    rows = ["student" if mode == SUPERVISED else mode for mode in all_modes()]  # the rows' folder names
+    paths = [kept / "runs" / row / kind / "s0" / name for row in rows for kind in ("default", "tuned") for name in record.RUN_FILES]
+    paths += [kept / "tune" / row / name for row in rows for name in record.SEARCH_FILES]
+    paths += [kept / "tune" / row / "trials" / "000" / name for row in rows for name in record.RUN_FILES]
+    paths += [kept / record.TEACHER / name for name in (*record.RUN_FILES, record.WEIGHTS_HASH)]
+    paths += [kept / "plain" / "s0" / "metrics.json", kept / record.MADE_WITH, kept / "leaderboard.png"]
+    checked = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=root, input="\n".join(map(str, paths)),
                              capture_output=True, text=True)
     assert checked.returncode in (0, 1), checked.stderr  # 0: some are ignored, 1: none is
     assert checked.stdout.split() == []
