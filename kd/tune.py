@@ -13,100 +13,24 @@ budget of a few trials a small grid says more than a few random draws. `--reuse-
 ...` takes finished runs that trained a point of the search exactly as its trial would (the
 leaderboard's default run on the search's seed) as that point's trial, instead of training it
 again. The study lives in OUTPUT_DIR/study.db (SQLite): run the same command again and it
-continues to the trial budget. Writes OUTPUT_DIR/best.yaml (a preset for --config), trials.png
-and tune.json."""
+continues to the trial budget; a trial a kill cut off is marked failed, and the next trial of
+its point (a grid's) resumes its run from the last checkpoint. Writes OUTPUT_DIR/best.yaml (a
+preset for --config), trials.png and tune.json."""
 
-import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
-from kd import cli
 from kd.config import Parser, TrainConfig, parse
 from kd.distillers import DISTILLERS
 from kd.errors import RunError, UsageError, main_guard
 from kd.export import write_json_atomic, write_text_atomic
 from kd.plots import plot_trials
-from kd.space import (SUPERVISED, distribution, enqueue_grid, grid_points, held_points, inside, methods, parse_grid,
-                      search_space, suggest, to_flags)
+from kd.space import SUPERVISED, enqueue_grid, grid_points, methods, parse_grid, search_space, suggest
+from kd.trials import preset_of, resume_interrupted, reuse_runs, training_entry, trial_argv, trial_line
 
 PRUNE_STARTUP_TRIALS = 3  # trials that always finish before the median means anything
-NOT_IN_PRESET = ("seed", "max_train_samples", "max_eval_samples")  # the driver sets seeds; data sizes are the run's budget
-
-
-def reusable_point(folder: Path, method: str, space: Dict[str, tuple], grid: Optional[Dict], training_args: List[str]) -> Tuple[Optional[Dict], str]:
-    """(the point of the search that the finished run in `folder` trained, exactly as a trial would
-    train it: every setting that changes what is learned, the batch split, the seed, the data set's
-    name and sizes, the teacher, the process count and the precision), or (None, why it is not one)."""
-    from kd.device import choose_precision
-    from kd.runner import changed_setting
-
-    if not all((folder / name).is_file() for name in ("metrics.json", "run_config.json", "history.jsonl")):
-        return None, "no finished run there"
-    resolved = json.loads((folder / "run_config.json").read_text())
-    settings = {**resolved["train"], **(resolved.get("distill") or {})}
-    missing = [name for name in space if settings.get(name) is None]
-    if missing:
-        return None, f"it has no {missing[0]} setting (a run of another method?)"
-    point = {name: settings[name] for name in space}
-    shown = ", ".join(f"{name}={value}" for name, value in point.items())
-    if grid is not None and point not in grid_points(grid):
-        return None, f"its {shown} is not a point of the grid"
-    if not all(inside(*space[name], value=value) for name, value in point.items()):
-        return None, f"its {shown} is outside the declared space"
-    parser, _ = training_entry(method)
-    cfg, distill, run = parse(parser, trial_argv(method, training_args, point, folder))
-    trial = {"train": dataclasses.asdict(cfg), "run": {"dataset": run.dataset}, "method": distill.mode if distill else "supervised",
-             **({"distill": dataclasses.asdict(distill), "teacher": run.teacher} if distill else {"role": "student"})}
-    changed = changed_setting(resolved, trial, may_change=())  # grad_accum too: it changes BatchNorm's batches
-    # a trial trains in this process (or in each of accelerate's), with the precision picked here
-    here = {"num_processes": int(os.environ.get("WORLD_SIZE", "1")), "mixed_precision": choose_precision(run.mixed_precision, warn=lambda line: None).mode}
-    changed = changed or next(((key, resolved.get(key), value) for key, value in here.items() if resolved.get(key) != value), None)
-    if changed:
-        return None, f"it trained with {changed[0]}={changed[1]!r}, a trial of this search would with {changed[2]!r}"
-    return point, ""
-
-
-def reuse_runs(study, method: str, space: Dict[str, tuple], grid: Optional[Dict], training_args: List[str],
-               folders: Sequence[Path], budget: int) -> None:
-    """Take each finished run of `folders` that trained a point no trial holds yet, exactly as a
-    trial would, as a finished trial of that point (its kept weights' validation F1, its per-epoch
-    scores for the pruner), so that the point is not trained again; at most `budget` of them. The
-    leaderboard's default run on the search's seed is its method's default point: a grid that
-    holds the defaults costs a run less. Each folder left out is said so, in one line."""
-    import optuna
-
-    held = held_points(study)
-    for folder in map(Path, folders):
-        point, why = reusable_point(folder, method, space, grid, training_args)
-        if point is not None and point in held:
-            why = "a trial of this search holds its point already"
-        elif point is not None and budget <= 0:
-            why = "the trial budget is spent"
-        if why:
-            print(f"not reused: {folder}: {why}", flush=True)
-            continue
-        metrics = json.loads((folder / "metrics.json").read_text())
-        history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines() if line.strip()]
-        study.add_trial(optuna.trial.create_trial(
-            params=point, distributions={name: distribution(*spec) for name, spec in space.items()}, value=metrics["val"]["f1_macro"],
-            intermediate_values={record["epoch"]: record["val_f1_macro"] for record in history if "val_f1_macro" in record},
-            user_attrs={"run_dir": str(folder), "reused": True, "preset": preset_of(folder)}))
-        held.append(point)
-        budget -= 1
-        print(trial_line(study, study.trials[-1]) + f" (reused: {folder})", flush=True)
-
-
-def training_entry(method: str):
-    """(parser, train(argv, on_epoch)) of the script that trains `method`; unguarded, so that a
-    user error reaches this command's own one-line handler."""
-    if method == SUPERVISED:
-        return (cli.train_parser("student"),
-                lambda argv, on_epoch: cli.train.__wrapped__("student", argv, on_epoch=on_epoch))
-    return (cli.distill_parser(),
-            lambda argv, on_epoch: cli.distill.__wrapped__(argv, on_epoch=on_epoch))
 
 
 def check_training_args(method: str, training_args: List[str], searched: Sequence[str] = ()) -> TrainConfig:
@@ -124,13 +48,6 @@ def check_training_args(method: str, training_args: List[str], searched: Sequenc
     if run.push_to_hub:
         raise UsageError("kd.tune's trials are not published: drop --push-to-hub (push the tuned run instead)")
     return cfg
-
-
-def trial_argv(method: str, training_args: List[str], values: Dict, run_dir: Path) -> List[str]:
-    mode = ["--mode", method] if method != SUPERVISED else []
-    # trackers off unless the flags ask for one; the sampled values come after the user's flags, so they win;
-    # a trial never reads the test split (the search sees validation only, and so does whoever reads its folders)
-    return ["--report-to", "none", *training_args, *mode, *to_flags(values), "--output-dir", str(run_dir), "--overwrite", "--no-test-eval"]
 
 
 def make_objective(method: str, space: Dict[str, tuple], training_args: List[str], out: Path, epochs: int):
@@ -151,8 +68,9 @@ def make_objective(method: str, space: Dict[str, tuple], training_args: List[str
         values = suggest(trial, space)
         run_dir = out / "trials" / f"{trial.number:03d}"
         trial.set_user_attr("run_dir", str(run_dir))
+        resume = resume_interrupted(trial, method, training_args, values, run_dir)
         try:
-            metrics = train(trial_argv(method, training_args, values, run_dir), on_epoch_for(trial))
+            metrics = train(trial_argv(method, training_args, values, run_dir, resume), on_epoch_for(trial))
         except RunError as error:  # a diverging setting (non-finite loss) is a result, not a crash: prune it
             raise optuna.TrialPruned(str(error)) from error
         trial.set_user_attr("preset", preset_of(run_dir))
@@ -196,22 +114,6 @@ def finished(study) -> List:
 
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return study.get_trials(deepcopy=False, states=states)
-
-
-def trial_line(study, trial) -> str:
-    values = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
-    if trial.state.name == "COMPLETE":
-        return f"trial {trial.number}: {values} -> val f1_macro {trial.value:.4f} (best so far {study.best_value:.4f})"
-    last = max(trial.intermediate_values, default=None)
-    where = f" at epoch {last}, val f1_macro {trial.intermediate_values[last]:.4f}" if last else ""
-    return f"trial {trial.number}: {values} -> {trial.state.name.lower()}{where}"
-
-
-def preset_of(run_dir: Path) -> Dict:
-    """A finished run's hyperparameters as a --config preset: its resolved train (and distill)
-    settings, without the seed and the data sizes."""
-    resolved = json.loads((Path(run_dir) / "run_config.json").read_text())
-    return {**{k: v for k, v in resolved["train"].items() if k not in NOT_IN_PRESET}, **(resolved.get("distill") or {})}
 
 
 def write_preset(study, method: str, path: Path) -> Dict:

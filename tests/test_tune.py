@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -91,6 +92,60 @@ def test_grid_tries_each_point_in_order_and_resumes_an_interrupted_one(tiny_data
     assert exit_info.value.code == 2 and "resume with the same --grid" in capsys.readouterr().err
     assert len(load_study(out).trials) == 5
 
+
+def kill_mid_trial(argv, trial_dir, epochs_done=2):
+    """Start `python -m kd.tune ARGV` and SIGKILL it once its trial in `trial_dir` has finished
+    `epochs_done` epochs (no handler runs: the trial stays RUNNING in the study and its run keeps
+    its checkpoint); returns the killed run's history."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    search = subprocess.Popen([sys.executable, "-m", "kd.tune", *map(str, argv)], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = trial_dir / "history.jsonl"
+    deadline = time.monotonic() + 300
+    while not (history.is_file() and history.read_text().count("\n") >= epochs_done) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    search.kill()
+    assert search.wait() != 0, "the search ended before the kill; give it more epochs"
+    assert not (trial_dir / "metrics.json").exists()
+    return [json.loads(line) for line in history.read_text().splitlines()]
+
+
+RESUME_ARGV = ["--method", "supervised", "--grid", "lr=0.05", *TUNE_FLAGS, "--epochs", "6"]
+
+
+def test_a_trial_cut_off_by_a_kill_resumes_from_its_checkpoint_not_from_epoch_1(tiny_dataset, tmp_path):
+    out = tmp_path / "tune"
+    argv = [*RESUME_ARGV, "--output-dir", out, "--dataset", tiny_dataset]
+    cut = kill_mid_trial(argv, out / "trials" / "000")
+    saved = read_json(out / "trials" / "000" / "checkpoint" / "trainer_state.json")["epoch"]  # len(cut), or one more if killed between the two
+    assert 2 <= len(cut) <= saved < 6
+    second = run_tune(*argv)
+    assert "trial 0 was interrupted" in second.stderr
+    assert f"trial 1: resumes interrupted trial 0 ({out / 'trials' / '001'}) after epoch {saved}" in second.stdout
+    trials = load_study(out).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"] and trials[1].user_attrs["resumed_from"] == 0
+    resumed = [json.loads(line) for line in (out / "trials" / "001" / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert resumed[:len(cut)] == cut  # the epochs before the kill were not trained again: their wall times are the killed run's
+    assert sorted(trials[1].intermediate_values) == [1, 2, 3, 4, 5, 6]  # the pruner sees every epoch, the resumed ones too
+    assert not (out / "trials" / "000").exists()  # moved, not copied: one folder per trained point
+    assert read_json(out / "trials" / "001" / "metrics.json")["epochs"] == 6
+
+
+def test_an_interrupted_trial_trained_otherwise_is_not_resumed_but_trained_again(tiny_dataset, tmp_path):
+    out = tmp_path / "tune"
+    argv = [*RESUME_ARGV, "--output-dir", out, "--dataset", tiny_dataset]
+    killed = out / "trials" / "000"
+    cut = kill_mid_trial(argv, killed)
+    resolved = read_json(killed / "run_config.json")
+    resolved["train"]["batch_size"] = 16  # as if this checkpoint were of a run at another batch size
+    (killed / "run_config.json").write_text(json.dumps(resolved))
+    second = run_tune(*argv)
+    assert "trial 0 is not resumed: it trained with batch_size=16, a trial of this search would with 32" in second.stderr
+    assert "resumes" not in second.stdout
+    retrained = [json.loads(line) for line in (out / "trials" / "001" / "history.jsonl").read_text().splitlines()]
+    assert len(retrained) == 6 and retrained[0]["epoch_time_s"] != cut[0]["epoch_time_s"]  # trained from epoch 1
+    assert (killed / "checkpoint").is_dir()  # left where it was
 
 REUSE_FLAGS = [*TUNE_FLAGS, "--epochs", "2"]
 
