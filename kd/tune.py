@@ -13,9 +13,9 @@ budget of a few trials a small grid says more than a few random draws. `--reuse-
 ...` takes finished runs that trained a point of the search exactly as its trial would (the
 leaderboard's default run on the search's seed) as that point's trial, instead of training it
 again. The study lives in OUTPUT_DIR/study.db (SQLite): run the same command again and it
-continues to the trial budget; a trial a kill cut off is marked failed, and the next trial of
-its point (a grid's) resumes its run from the last checkpoint. Writes OUTPUT_DIR/best.yaml (a
-preset for --config), trials.png and tune.json."""
+continues to the trial budget; a trial a kill cut off is marked failed, its point (a grid's or
+a TPE draw) is tried again, and that trial resumes the cut-off run from its last checkpoint.
+Writes OUTPUT_DIR/best.yaml (a preset for --config), trials.png and tune.json."""
 
 import json
 import sys
@@ -103,7 +103,10 @@ def open_study(out: Path, method: str, sampler_seed: int, prune_from_epoch: int,
         study.set_user_attr("grid", grid)
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
-        print(f"trial {stale.number} was interrupted; marked failed, it does not count toward --trials", file=sys.stderr)
+        if grid is None and stale.params:  # a TPE draw is tried again, not dropped for a new one (enqueue_grid queues a grid's)
+            study.enqueue_trial(stale.params)
+        print(f"trial {stale.number} was interrupted; marked failed (it does not count toward --trials), its point is tried again",
+              file=sys.stderr)
     # reseeded by the history's length: a resumed search draws new points, still reproducibly
     study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.trials), n_startup_trials=PRUNE_STARTUP_TRIALS)
     return study

@@ -111,11 +111,15 @@ def kill_mid_trial(argv, trial_dir, epochs_done=2):
 
 
 RESUME_ARGV = ["--method", "supervised", "--grid", "lr=0.05", *TUNE_FLAGS, "--epochs", "6"]
+TPE_RESUME_ARGV = ["--method", "supervised", "--trials", "1", "--params", "lr", *TUNE_FLAGS, "--epochs", "6"]
 
 
-def test_a_trial_cut_off_by_a_kill_resumes_from_its_checkpoint_not_from_epoch_1(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("search", [RESUME_ARGV, TPE_RESUME_ARGV], ids=["grid", "tpe"])
+def test_a_trial_cut_off_by_a_kill_resumes_from_its_checkpoint_not_from_epoch_1(search, tiny_dataset, tmp_path):
+    """A grid's point or a TPE draw: the next trial tries the cut-off point again (a TPE search
+    would otherwise draw another) and resumes its run from the checkpoint."""
     out = tmp_path / "tune"
-    argv = [*RESUME_ARGV, "--output-dir", out, "--dataset", tiny_dataset]
+    argv = [*search, "--output-dir", out, "--dataset", tiny_dataset]
     cut = kill_mid_trial(argv, out / "trials" / "000")
     saved = read_json(out / "trials" / "000" / "checkpoint" / "trainer_state.json")["epoch"]  # len(cut), or one more if killed between the two
     assert 2 <= len(cut) <= saved < 6
@@ -124,6 +128,7 @@ def test_a_trial_cut_off_by_a_kill_resumes_from_its_checkpoint_not_from_epoch_1(
     assert f"trial 1: resumes interrupted trial 0 ({out / 'trials' / '001'}) after epoch {saved}" in second.stdout
     trials = load_study(out).trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"] and trials[1].user_attrs["resumed_from"] == 0
+    assert trials[1].params == trials[0].params
     resumed = [json.loads(line) for line in (out / "trials" / "001" / "history.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     assert resumed[:len(cut)] == cut  # the epochs before the kill were not trained again: their wall times are the killed run's
