@@ -13,7 +13,7 @@ from kd import stats
 from kd.engine import format_duration
 from kd.errors import UsageError
 from kd.plots import save_png_atomic
-from kd.report import SHORT_NAMES, Row, Run, _cell, _fmt_value, _split_metrics
+from kd.report import SHORT_NAMES, Row, Run, _cell, _fmt_value, _settings, _split_metrics
 
 COMPARED = (("accuracy", "accuracy"), ("f1_macro", "F1 macro"))
 PRECISION_NAMES = {"no": "fp32"}
@@ -143,6 +143,56 @@ def to_markdown(items: Sequence[Entry], baseline: Row, split: str = "test") -> s
                  differs + entry.measured_on]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _is_tuned(row: Row) -> bool:
+    return all("tuned" in run.config.get("run", {}).get("tags", []) for run in row.runs)
+
+
+def _untuned_settings(row: Row) -> str:
+    """What a tuned row shares with its method's default row: the role, the method and every
+    setting outside the method's search space (and the settings standardization uses in their
+    place), as one comparable string."""
+    from kd.space import methods
+
+    run = row.runs[0]
+    method = run.config.get("method", "supervised")
+    known = methods().get(method)
+    searched = set(getattr(known, "search_space", {}))
+    searched |= {used for name in searched for used in getattr(known, "standardized_by", {}).get(name, ())}
+    settings = {name: value for name, value in _settings(run).items() if name not in searched}
+    return json.dumps([run.config.get("role"), method, settings], sort_keys=True)
+
+
+def _seeds(row: Row) -> str:
+    return ", ".join(str(seed) for seed in sorted(run.config["train"].get("seed") for run in row.runs))
+
+
+def tuned_markdown(items: Sequence[Entry], split: str = "test") -> str:
+    """Each tuned row against its method's default row (the same settings outside the method's
+    search space): tuned minus default with the 95% Welch interval, so that what tuning on
+    validation bought on the test split is read off, not worked out from two rows. "" when no
+    tuned row has a default row."""
+    defaults = {}
+    for entry in items:
+        if not _is_tuned(entry.row):
+            defaults.setdefault(_untuned_settings(entry.row), []).append(entry)
+    lines = []
+    for entry in items:
+        matches = defaults.get(_untuned_settings(entry.row), []) if _is_tuned(entry.row) else []
+        if len(matches) != 1:  # none, or default rows that differ only in searched settings: no one row to set it against
+            continue
+        default = matches[0]
+        values = [{key: [float(_split_metrics(run, split)[key]) for run in item.row.runs] for key, _ in COMPARED}
+                  for item in (entry, default)]
+        differences = [stats.welch_interval(values[0][key], values[1][key]) for key, _ in COMPARED]
+        lines.append(f"| {default.row.label} | {default.settings or '–'} (seeds {_seeds(default.row)}) | "
+                     f"{entry.settings or '–'} (seeds {_seeds(entry.row)}) | {' | '.join(map(_interval_cell, differences))} |")
+    if not lines:
+        return ""
+    return "\n".join([f"Tuned against default, {split} split: each tuned row minus its method's default row (every setting "
+                      "outside the method's search space the same), with the 95% Welch t interval:", "",
+                      "| method | default | tuned | Δ accuracy [95% CI] | Δ F1 macro [95% CI] |", "|:--|:--|:--|--:|--:|", *lines]) + "\n"
 
 
 def searches_markdown(searches: Dict[str, Optional[Dict]], gains: Optional[Dict[str, Optional[float]]] = None) -> str:

@@ -233,7 +233,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:  # returns None: the con
 
         baseline = ranking.pick_baseline(rows, args.baseline)
         entries = ranking.entries(rows, baseline, args.split)
-        markdown = ranking.to_markdown(entries, baseline, args.split) + "\n" + "\n".join(_provenance(rows)) + "\n"
+        tuned = ranking.tuned_markdown(entries, args.split)
+        markdown = (ranking.to_markdown(entries, baseline, args.split) + (f"\n{tuned}" if tuned else "")
+                    + "\n" + "\n".join(_provenance(rows)) + "\n")
         write_text_atomic(output, markdown)
         ranking.draw(entries, baseline, chart, args.split)
     else:

@@ -71,7 +71,8 @@ def test_leaderboard_rows(board_root, tmp_path, capsys):
     report.main([str(board_root), "--leaderboard", "--output", str(output)])
     markdown = output.read_text()
     assert capsys.readouterr().out == markdown
-    rows = {line.split(" | ")[0][2:]: line for line in markdown.splitlines() if line.startswith("| ") and " | " in line}
+    board = markdown[:markdown.index("Tuned against default")]  # the tables after it name the same rows
+    rows = {line.split(" | ")[0][2:]: line for line in board.splitlines() if line.startswith("| ") and " | " in line}
     assert rows["student (cifar_resnet8)"] == ("| student (cifar_resnet8) | lr=0.1, weight_decay=0.0005, label_smoothing=0 | 3 | "
                                                 "0.7200 ± 0.0200 | 0.7200 ± 0.0200 | baseline | baseline | 1.00× | 3m00s | fp32, cpu (AMD EPYC, 1 threads) |")
     # 0.06 ± 0.0453390 (see the hand computation above); half the baseline's images/s: 2x the step cost; 3 x 90 s
@@ -81,6 +82,31 @@ def test_leaderboard_rows(board_root, tmp_path, capsys):
     assert rows["distill logits (cifar_resnet8) tuned"] == ("| distill logits (cifar_resnet8) tuned | T=2.5, alpha=0.75 | 1 | 0.8100 | 0.8100 | "
                                                             "n/a (n < 2) | n/a (n < 2) | 4.00× | 5m00s | ≠ bf16, cuda (NVIDIA H100) |")
     assert (tmp_path / "board.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_tuned_row_is_set_against_its_own_default_row(board_root, tmp_path, capsys):
+    """The tuned logits row (T=2.5, alpha=0.75; seeds 0 and 1) minus the default logits row, not
+    the logit-standardized one, which differs outside the search space (the fixture's runs
+    predate the flag: LS=none); a tuned row with no default row (dkd) gives no line."""
+    tuned = {**DISTILL, "temperature": 2.5, "alpha": 0.75}
+    write_run(board_root / "logits" / "tuned" / "s1", (0.83,) * 4, seed=1, distill=tuned, teacher=str(board_root / "teacher"))
+    with_history(board_root / "logits" / "tuned" / "s1", 50, 100, device="cuda (NVIDIA H100)", precision="bf16", tags=("tuned",))
+    for seed in (0, 1):  # a second default logits row, trained with logit standardization
+        write_run(board_root / "logits-ls" / f"s{seed}", (0.79,) * 4, seed=seed, teacher=str(board_root / "teacher"),
+                  distill={**DISTILL, "logit_standardization": True})
+        with_history(write_run(board_root / "dkd" / f"s{seed}", (0.75,) * 4, seed=seed, teacher=str(board_root / "teacher"),
+                               distill={**DISTILL, "mode": "dkd"}), 100, 90, tags=("tuned",))
+    report.main([str(board_root), "--leaderboard", "--output", str(tmp_path / "board.md")])
+    markdown = (tmp_path / "board.md").read_text()
+    assert capsys.readouterr().out == markdown
+    table = markdown[markdown.index("Tuned against default, test split:"):markdown.index("Runs:")].splitlines()
+    expected = stats.welch_interval([0.81, 0.83], [0.76, 0.78, 0.80])  # mean +0.04
+    cell = f"{expected.mean:+.4f} [{expected.low:+.4f}, {expected.high:+.4f}]"
+    assert table[2:] == ["| method | default | tuned | Δ accuracy [95% CI] | Δ F1 macro [95% CI] |", "|:--|:--|:--|--:|--:|",
+                         "| distill logits (cifar_resnet8) LS=none | T=4, alpha=0.9 (seeds 0, 1, 2) | "
+                         f"T=2.5, alpha=0.75 (seeds 0, 1) | {cell} | {cell} |",
+                         ""]
+    assert expected.mean == pytest.approx(0.04) and expected.low < 0 < expected.high
 
 
 def test_a_standardized_row_names_the_settings_it_trained_with(tmp_path, capsys):
