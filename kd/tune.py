@@ -105,8 +105,8 @@ def open_study(out: Path, method: str, sampler_seed: int, prune_from_epoch: int,
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
         if grid is None and stale.params:  # a TPE draw is tried again, not dropped for a new one (enqueue_grid queues a grid's)
             study.enqueue_trial(stale.params)
-        print(f"trial {stale.number} was interrupted; marked failed (it does not count toward --trials), its point is tried again",
-              file=sys.stderr)
+        again = "its point is tried again" if grid is not None or stale.params else "it had drawn no point yet"  # killed before suggest
+        print(f"trial {stale.number} was interrupted; marked failed (it does not count toward --trials), {again}", file=sys.stderr)
     # reseeded by the history's length: a resumed search draws new points, still reproducibly
     study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.trials), n_startup_trials=PRUNE_STARTUP_TRIALS)
     return study

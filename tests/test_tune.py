@@ -345,6 +345,26 @@ def test_a_resumed_grid_queues_each_point_once(tmp_path):
     assert sorted(point["dkd_beta"] for point in space.held_points(study)) == [1.0, 2.0, 4.0]
 
 
+def test_a_resumed_tpe_search_queues_a_cut_off_draw_and_says_so_only_for_a_drawn_one(tmp_path, capsys):
+    """Two trials a kill left RUNNING: one had drawn its point, one was killed before it drew any.
+    On resume both are marked failed; only the drawn point is queued, and only its line says the
+    point is tried again."""
+    import optuna
+
+    study = optuna.create_study(study_name="logits", storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
+    drawn = study.ask()
+    drawn.suggest_float("temperature", 1.0, 8.0, log=True)
+    undrawn = study.ask()
+    tune.open_study(tmp_path, "logits", sampler_seed=0, prune_from_epoch=1, training_args=[])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trial ")]  # not Optuna's own log
+    marked = "was interrupted; marked failed (it does not count toward --trials)"
+    assert lines == [f"trial {drawn.number} {marked}, its point is tried again", f"trial {undrawn.number} {marked}, it had drawn no point yet"]
+    study = load_study(tmp_path, "logits")
+    assert [trial.state for trial in study.trials[:2]] == [optuna.trial.TrialState.FAIL] * 2
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    assert [trial.system_attrs["fixed_params"] for trial in waiting] == [{"temperature": drawn.params["temperature"]}]
+
+
 def refused(capsys, argv):
     """kd.tune's one error line for `argv` (exit 2)."""
     capsys.readouterr()
