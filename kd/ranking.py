@@ -97,12 +97,16 @@ def _joined(values: Sequence[str]) -> str:
     return " / ".join(dict.fromkeys(values))  # distinct, in order
 
 
+def _values(row: Row, split: str) -> Dict[str, List[float]]:
+    """The compared metrics of each of the row's runs: {metric: [value per run]}."""
+    return {key: [float(_split_metrics(run, split)[key]) for run in row.runs] for key, _ in COMPARED}
+
+
 def entries(rows: Sequence[Row], baseline: Row, split: str = "test") -> List[Entry]:
     base_cost = _mean(seconds_per_image(run) for run in baseline.runs)
     out = []
     for row in rows:
-        values = {key: [float(_split_metrics(run, split)[key]) for run in row.runs] for key, _ in COMPARED}
-        base = {key: [float(_split_metrics(run, split)[key]) for run in baseline.runs] for key, _ in COMPARED}
+        values, base = _values(row, split), _values(baseline, split)
         cost = _mean(seconds_per_image(run) for run in row.runs)
         out.append(Entry(
             row=row,
@@ -183,9 +187,8 @@ def tuned_markdown(items: Sequence[Entry], split: str = "test") -> str:
         if len(matches) != 1:  # none, or default rows that differ only in searched settings: no one row to set it against
             continue
         default = matches[0]
-        values = [{key: [float(_split_metrics(run, split)[key]) for run in item.row.runs] for key, _ in COMPARED}
-                  for item in (entry, default)]
-        differences = [stats.welch_interval(values[0][key], values[1][key]) for key, _ in COMPARED]
+        tuned, untuned = _values(entry.row, split), _values(default.row, split)
+        differences = [stats.welch_interval(tuned[key], untuned[key]) for key, _ in COMPARED]
         lines.append(f"| {default.row.label} | {default.settings or '–'} (seeds {_seeds(default.row)}) | "
                      f"{entry.settings or '–'} (seeds {_seeds(entry.row)}) | {' | '.join(map(_interval_cell, differences))} |")
     if not lines:
