@@ -13,7 +13,7 @@ from kd import stats
 from kd.engine import format_duration
 from kd.errors import UsageError
 from kd.plots import save_png_atomic
-from kd.report import SHORT_NAMES, Row, Run, _cell, _fmt_value, _settings, _split_metrics
+from kd.report import SHORT_NAMES, Row, Run, _cell, _fmt_value, _settings, _split_metrics, is_tuned
 
 COMPARED = (("accuracy", "accuracy"), ("f1_macro", "F1 macro"))
 PRECISION_NAMES = {"no": "fp32"}
@@ -31,7 +31,7 @@ class Entry:
 
 def is_default_student(row: Row) -> bool:
     return all(run.config.get("role") == "student" and run.config.get("method", "supervised") == "supervised"
-               and "tuned" not in run.config.get("run", {}).get("tags", []) for run in row.runs)
+               and not is_tuned(run) for run in row.runs)
 
 
 def pick_baseline(rows: Sequence[Row], label: Optional[str] = None) -> Row:
@@ -150,7 +150,7 @@ def to_markdown(items: Sequence[Entry], baseline: Row, split: str = "test") -> s
 
 
 def _is_tuned(row: Row) -> bool:
-    return all("tuned" in run.config.get("run", {}).get("tags", []) for run in row.runs)
+    return all(is_tuned(run) for run in row.runs)
 
 
 def _untuned_settings(row: Row) -> str:

@@ -93,10 +93,14 @@ def _teacher_model(source: Optional[str]) -> Optional[str]:
         return source
 
 
+def is_tuned(run: Run) -> bool:
+    return "tuned" in run.config.get("run", {}).get("tags", [])  # kd.leaderboard tags runs of a kd.tune preset
+
+
 def _family(run: Run) -> str:
     method = run.config.get("method", "supervised")
     base = run.config.get("role", "student") if method == "supervised" else f"distill {method}"
-    tuned = " tuned" if "tuned" in run.config.get("run", {}).get("tags", []) else ""  # kd.leaderboard tags runs of a kd.tune preset
+    tuned = " tuned" if is_tuned(run) else ""
     return f"{base} ({run.config['train']['model']}){tuned}"
 
 
