@@ -63,6 +63,7 @@ def distill(argv: Optional[Sequence[str]] = None, on_epoch: Optional[runner.Epoc
     if run.output_dir is None:
         run = dataclasses.replace(run, output_dir=f"outputs/distill-{distill.mode}")
     teacher = FrozenTeacher(load_model(run.teacher, "teacher"))  # before the data: a wrong path fails fast
+    distill = DISTILLERS[distill.mode].pair_defaults(distill, teacher.model.pretrained_cfg.get("architecture"), cfg.model)
     if run.list_layers:
         print_layers(runner.create_student(cfg, teacher.model.num_classes), teacher)
         return None
@@ -70,7 +71,7 @@ def distill(argv: Optional[Sequence[str]] = None, on_epoch: Optional[runner.Epoc
     def make_method(student, data, accelerator):
         check_teacher(teacher.model, run.teacher, data.num_classes, data.train.images.shape[1:])
         teacher.match_input(data.mean, data.std)  # each model sees images normalised as it was trained
-        method = build_distiller(distill.mode, student, teacher, distill, cfg.label_smoothing, num_train=len(data.train))
+        method = build_distiller(distill.mode, student, teacher, distill, cfg.label_smoothing, train_labels=data.train.labels)
         teacher.to(accelerator.device)
         return method
 

@@ -47,14 +47,15 @@ class DistillConfig:
     logits_factor: float = _opt(1.0, "weight of the logits term in hybrid mode")
     at_beta: float = _opt(1000.0, "weight of the attention-transfer term (Zagoruyko & Komodakis use 1000)")
     dkd_alpha: float = _opt(1.0, "dkd: weight of the target-class term TCKD (Zhao et al., CIFAR: 1)")
-    dkd_beta: float = _opt(8.0, "dkd: weight of the non-target-class term NCKD (Zhao et al., CIFAR: 8)")
+    dkd_beta: Optional[float] = _opt(None, "dkd: weight of the non-target-class term NCKD (default: the authors' value for the pair: "
+                                     "2 for thin CIFAR ResNets, as their resnet56/110 -> resnet20/32; else 8, as resnet32x4 -> resnet8x4)", type=float)
     kd_warmup_epochs: Optional[float] = _opt(None, "dkd: epochs over which the KD weight rises linearly from 0 (default: --epochs/12, the paper's 20 of 240)", type=float)
     dist_beta: float = _opt(2.0, "dist: weight of the inter-class (per-sample) relation term (Huang et al., CIFAR: 2)")
     dist_gamma: float = _opt(2.0, "dist: weight of the intra-class (per-class, over the batch) relation term (Huang et al., CIFAR: 2)")
     logit_standardization: bool = _opt(False, "z-score each sample's logits before the temperature softmax (Sun et al. 2024); logits, dkd, dist")
     ls_temperature: float = _opt(2.0, "temperature used instead of --temperature with --logit-standardization (the paper's CIFAR base temperature)")
     ls_ce_weight: float = _opt(0.1, "logits with --logit-standardization: CE weight (the paper's CIFAR KD recipe; replaces 1-alpha)")
-    ls_kd_weight: float = _opt(9.0, "logits with --logit-standardization: KD weight (the paper's CIFAR KD recipe; replaces alpha)")
+    ls_kd_weight: float = _opt(9.0, "with --logit-standardization: logits' KD weight (replaces alpha); dkd's alpha and beta are multiplied by it (the authors' --kd-weight)")
     crd_negatives: Optional[int] = _opt(None, "crd: negatives per image, drawn from the training set (default: min(16384, training images), the paper's K)", type=int)
     crd_weight: float = _opt(0.8, "crd: weight of the contrastive term (Tian et al.: 0.8)")
 
@@ -213,7 +214,7 @@ def validate(train: TrainConfig, distill: Optional[DistillConfig]) -> None:
 
 
 def _validate_methods(distill: DistillConfig) -> None:
-    weights = {"--dkd-alpha": distill.dkd_alpha, "--dkd-beta": distill.dkd_beta, "--dist-beta": distill.dist_beta,
+    weights = {"--dkd-alpha": distill.dkd_alpha, "--dkd-beta": distill.dkd_beta or 0, "--dist-beta": distill.dist_beta,
                "--dist-gamma": distill.dist_gamma, "--ls-ce-weight": distill.ls_ce_weight, "--ls-kd-weight": distill.ls_kd_weight,
                "--crd-weight": distill.crd_weight, "--kd-warmup-epochs": distill.kd_warmup_epochs or 0}
     for flag, value in weights.items():

@@ -52,7 +52,7 @@ def test_logits_loss_weights_and_alpha_zero_is_cross_entropy():
 def _build(mode, student="cifar_resnet8x4", teacher="cifar_resnet14x4", **overrides):
     cfg = DistillConfig(mode=mode, **overrides)
     frozen = FrozenTeacher(timm.create_model(teacher, num_classes=10))
-    return build_distiller(mode, timm.create_model(student, num_classes=10), frozen, cfg, num_train=8), frozen
+    return build_distiller(mode, timm.create_model(student, num_classes=10), frozen, cfg, train_labels=torch.arange(20) % 10), frozen
 
 
 def test_hidden_never_runs_the_teacher_after_its_tap():
@@ -116,8 +116,9 @@ def test_every_registered_mode_builds_and_returns_weighted_terms():
 
     for mode, weights in WEIGHTED.items():
         base = terms(mode)
+        defaults = DISTILLERS[mode].pair_defaults(DistillConfig(mode=mode), "cifar_resnet14x4", "cifar_resnet8x4")  # _build's pair
         for weight, scaled in weights.items():
-            tripled = terms(mode, **{weight: 3 * getattr(DistillConfig(), weight)})
+            tripled = terms(mode, **{weight: 3 * getattr(defaults, weight)})
             for name, value in base.items():
                 assert tripled[name] == pytest.approx(3 * value if name in scaled else value, rel=1e-5), (mode, weight, name)
 

@@ -13,6 +13,7 @@ from conftest import REPO, read_json
 from kd import experiment, leaderboard, scheduler
 from kd.distillers import DISTILLERS, Distiller
 from kd.distillers.dkd import DKD
+from kd.space import grid_points
 
 
 def plan_lines(capsys, tmp_path, *flags):
@@ -435,7 +436,8 @@ def test_the_whole_driver_on_a_tiny_dataset(tiny_dataset, tmp_path):
         assert f"left out {name}/tuned/s1: tuning moved its validation F1 {gains[name]:+.4f}" in first.stdout
     for name in kept:
         summary, tuned = read_json(out / "tune" / name / "tune.json"), read_json(out / "runs" / name / "tuned" / "s1" / "run_config.json")
-        assert summary["trials"] == 3 and summary["grid"] == {key: list(values) for key, values in DISTILLERS[name].search_grid.items()}
+        assert summary["trials"] == len(grid_points(DISTILLERS[name].search_grid))
+        assert summary["grid"] == {key: list(values) for key, values in DISTILLERS[name].search_grid.items()}
         assert all(tuned["distill"][key] == value for key, value in summary["best_params"].items())
         assert tuned["train"]["seed"] == 1 and "tuned" in tuned["run"]["tags"]  # not the search's seed
     board = (out / "leaderboard.md").read_text()
@@ -446,12 +448,13 @@ def test_the_whole_driver_on_a_tiny_dataset(tiny_dataset, tmp_path):
     plain = read_json(out / "plain" / "s0" / "metrics.json")
     assert plain["settings"]["epochs"] == 1 and plain["settings"]["batch_size"] == 32 and plain["settings"]["val_size"] == 32
     assert f"| plain PyTorch (`scripts/plain_loop.py`) | 1 | {plain['test']['accuracy']:.4f} | {plain['test']['f1_macro']:.4f} |" in board
-    # logits' grid holds its default T 4: the default run on the search's seed is that trial, not trained twice
+    # each grid holds its default (logits' T 4, dkd's β for the pair): the default run on the search's
+    # seed is that trial, not trained twice
     logits = read_json(out / "tune" / "logits" / "tune.json")
-    assert (logits["reused"], read_json(out / "tune" / "dkd" / "tune.json")["reused"]) == (1, 0)  # dkd's grid lacks its β 8
+    assert (logits["reused"], read_json(out / "tune" / "dkd" / "tune.json")["reused"]) == (1, 1)
     assert sorted(path.name for path in (out / "tune" / "logits" / "trials").iterdir()) == ["001", "002"]
     assert "| logits | 3 (0), 1 reused | grid temperature 2, 4, 8 |" in board
-    # teacher, student, 2 defaults, 1 tuned; the plain loop beside the student; 2 + 3 grid points trained
+    # teacher, student, 2 defaults, 1 tuned; the plain loop beside the student; 2 + 3 grid points trained (dkd's 4 less its default)
     assert "\nCompute: 5 runs, 1 plain-loop run and 5 search trials, " in board
     again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -131,7 +131,7 @@ def distillation(data: CifarData, s: Settings) -> List[Row]:
     teacher = FrozenTeacher(create_model(TEACHER, data.num_classes, seed=1, device_type=s.device_type))
     cfg = TrainConfig()
     methods = {"student": Supervised(copy.deepcopy(student))}
-    methods.update({mode: build_distiller(mode, copy.deepcopy(student), teacher, DistillConfig(mode=mode), num_train=len(data.train))
+    methods.update({mode: build_distiller(mode, copy.deepcopy(student), teacher, DistillConfig(mode=mode), train_labels=data.train.labels)
                     for mode in DISTILLERS})
     methods = {name: m.to(s.device_type).train() for name, m in methods.items()}  # adapters, heads and banks are made on the CPU
     steps = {name: _method_step(m, make_optimizer(m, cfg), images, labels, index, s.precision) for name, m in methods.items()}

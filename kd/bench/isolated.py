@@ -104,7 +104,7 @@ def memory_job(kind: str, dataset: Optional[str], batch_size: int, steps: int, n
         method = Supervised(student)
     else:
         teacher = FrozenTeacher(create_model(TEACHER, num_classes, seed=1)).to(accelerator.device)
-        method = build_distiller(kind, student, teacher, DistillConfig(mode=kind), num_train=len(split))
+        method = build_distiller(kind, student, teacher, DistillConfig(mode=kind), train_labels=split.labels)
     cfg = TrainConfig(batch_size=batch_size, epochs=1)
     optimizer = make_optimizer(method, cfg)
     method, optimizer = accelerator.prepare(method, optimizer)

@@ -22,12 +22,13 @@ DISTILLERS = {
 }
 
 
-def build_distiller(mode: str, student, teacher: FrozenTeacher, cfg, label_smoothing: float = 0.0, num_train: int = None) -> Distiller:
-    """`num_train`: the training-set size, for methods that keep per-image state (crd)."""
+def build_distiller(mode: str, student, teacher: FrozenTeacher, cfg, label_smoothing: float = 0.0, train_labels=None) -> Distiller:
+    """`train_labels`: the training set's labels (a tensor in dataset order), for methods that keep
+    per-image state or draw by class (crd)."""
     if cfg.logit_standardization and not DISTILLERS[mode].standardizable:
         standardizable = ", ".join(m for m, c in DISTILLERS.items() if c.standardizable)
         raise UsageError(f"--logit-standardization needs a mode with a logits term ({standardizable}), not --mode {mode}")
-    return DISTILLERS[mode].from_config(student, teacher, cfg, label_smoothing=label_smoothing, num_train=num_train)
+    return DISTILLERS[mode].from_config(student, teacher, cfg, label_smoothing=label_smoothing, train_labels=train_labels)
 
 
 __all__ = ["DISTILLERS", "Distiller", "FrozenTeacher", "Supervised", "build_distiller", "kd_loss"]

@@ -75,12 +75,18 @@ class Distiller(nn.Module):
     standardizable = False  # has a temperature-softmax logits term that --logit-standardization z-scores
     standardized_by: Dict[str, Tuple[str, ...]] = {}  # with it, the settings used in place of these (which then do nothing)
 
-    def __init__(self, student: nn.Module, teacher: FrozenTeacher = None, label_smoothing: float = 0.0, num_train: int = None):
+    def __init__(self, student: nn.Module, teacher: FrozenTeacher = None, label_smoothing: float = 0.0, train_labels: torch.Tensor = None):
         super().__init__()
         self.student = student
         self.teacher = teacher  # a plain object, not a submodule (see FrozenTeacher)
         self.label_smoothing = label_smoothing
-        self.num_train = num_train  # training images, for methods with per-image state (CRD's banks)
+        self.num_train = None if train_labels is None else len(train_labels)  # for methods with per-image state (CRD's banks)
+
+    @classmethod
+    def pair_defaults(cls, cfg, teacher: str, student: str):
+        """`cfg` (a DistillConfig) with the defaults that depend on the teacher and student
+        architectures filled in; distill.py records the result in run_config.json."""
+        return cfg
 
     def set_progress(self, epoch: float, epochs: int) -> None:
         """Called by the loop before every micro-step: `epoch` is the (fractional) number of
