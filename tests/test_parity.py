@@ -6,7 +6,9 @@
 - DKD: megvii-research/mdistiller, mdistiller/distillers/DKD.py (`dkd_loss`, `cat_mask`);
 - DIST: hunto/DIST_KD, classification/lib/models/losses/dist_kd.py (`DIST`, `pearson_correlation`);
 - CRD: HobbitLong/RepDistiller, crd/memory.py (`ContrastMemory.forward`: scores, Z fixed on the
-  first batch, the momentum update of the banks) and crd/criterion.py (`ContrastLoss`).
+  first batch, the momentum update of the banks) and crd/criterion.py (`ContrastLoss`);
+- AT: szagoruyko/attention-transfer, utils.py (`at`, `at_loss`) and cifar.py (beta / 2 times the
+  sum over groups).
 
 kd's value and its gradient (with respect to the student's logits) must be within 1e-5 relative
 of the float64 reference, over a grid: 10 and 100 classes, T from 1 to 8, batches of 1 to 256,
@@ -28,7 +30,8 @@ import torch.nn.functional as F
 
 import kd  # noqa: F401  (registers the models)
 from kd.config import DistillConfig
-from kd.distillers import FrozenTeacher, build_distiller, kd_loss
+from kd.distillers import DISTILLERS, FrozenTeacher, build_distiller, kd_loss
+from kd.distillers.attention import at_loss
 from kd.distillers.crd import MOMENTUM, TEMPERATURE, nce_loss, nce_scores
 from kd.distillers.dist import dist_loss
 from kd.distillers.dkd import dkd_loss
@@ -320,3 +323,52 @@ def test_crd_nce_loss_matches_contrast_loss(batch, negatives, aligned, dtype):
         results[ref_dtype] = reference.contrast_loss(scores / z).item()
     want, want32 = results[torch.float64], results[torch.float32]
     assert abs(got - want) <= 1e-5 * abs(want) + 4 * abs(want32 - want), f"kd {got:.9g}, ContrastLoss {want:.9g} (fp32 {want32:.9g})"
+
+
+# -- AT -------------------------------------------------------------------------------------------
+def ref_at_loss(student_groups, teacher_groups, beta):
+    """attention-transfer: at(x) = normalize(x.pow(2).mean(1).view(B, -1)); at_loss = (at(x) - at(y))
+    .pow(2).mean(); the loss adds beta / 2 * sum of at_loss over the groups."""
+    at = lambda x: F.normalize(x.pow(2).mean(1).view(x.size(0), -1))  # noqa: E731
+    return beta / 2 * sum((at(x) - at(y)).pow(2).mean() for x, y in zip(student_groups, teacher_groups))
+
+
+@pytest.mark.parametrize("batch,scale,dtype", list(itertools.product((1, 7, 64), (1.0, 5.0, 50.0), (torch.float32, torch.bfloat16))))
+def test_at_matches_attention_transfer(batch, scale, dtype):
+    """Three groups of feature maps (different channel counts on the two sides, as for a wider
+    teacher), values and the gradient w.r.t. the student's maps, against the float64 reference."""
+    g = torch.Generator().manual_seed(4)
+    shapes = [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
+    student = [(scale * torch.randn(batch, *shape, generator=g)).to(dtype) for shape in shapes]
+    teacher = [(scale * torch.randn(batch, 2 * shape[0], *shape[1:], generator=g)).to(dtype) for shape in shapes]
+    leaves = [x.float().requires_grad_(True) for x in student]  # the fp32 values of the maps kd is given
+    ours = at_loss(leaves, teacher, 1000.0)
+    ours_grads = torch.autograd.grad(ours, leaves)
+    reference_leaves = [x.double().requires_grad_(True) for x in student]
+    reference = ref_at_loss(reference_leaves, [t.double() for t in teacher], 1000.0)
+    reference_grads = torch.autograd.grad(reference, reference_leaves)
+    assert at_loss(student, teacher, 1000.0).item() == ours.item()  # bf16 maps are upcast first
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+    for got, want in zip(ours_grads, reference_grads):
+        assert (got.double() - want).norm().item() <= 1e-5 * want.norm().item() + 1e-12
+
+
+# -- every method has its reference -----------------------------------------------------------------
+REFERENCED = {  # method: the tests above that check it against its authors' code, or why none is needed
+    "logits": "test_kd_matches_mdistiller, test_logit_standardized_kd_matches_the_authors",
+    "dkd": "test_dkd_matches_mdistiller, test_logit_standardized_dkd_matches_the_authors",
+    "dist": "test_dist_matches_dist_kd",
+    "crd": "test_crd_nce_and_banks_match_repdistiller_over_two_steps, test_crd_nce_loss_matches_contrast_loss",
+    "at": "test_at_matches_attention_transfer",
+    "hidden": "FitNets' hint loss is torch's own F.mse_loss (RepDistiller's HintLoss: nn.MSELoss), called as such",
+    "hidden-trained": "hidden's loss through the report's adapter conv (the seed report's experiment 3; no paper code)",
+    "hybrid": "the logits loss plus hidden-trained's, both above (the seed report's experiment 4)",
+}
+
+
+def test_every_registered_method_is_checked_against_its_reference():
+    """A new method lands with its parity test: registering it without an entry here fails."""
+    assert set(REFERENCED) == set(DISTILLERS), f"methods without a reference check: {sorted(set(DISTILLERS) - set(REFERENCED))}"
+    for method, checked_by in REFERENCED.items():
+        named = [name.strip() for name in checked_by.split(",") if name.strip().startswith("test_")]
+        assert all(name in globals() for name in named), (method, named)
