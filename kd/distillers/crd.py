@@ -44,11 +44,15 @@ def nce_loss(scores: torch.Tensor, z: torch.Tensor, num_data: int) -> torch.Tens
     return -(positive + negative).mean()
 
 
-def _hash(x: torch.Tensor) -> torch.Tensor:
-    """An integer hash of int64 values below 2**31, to values below 2**31."""
+MASK31 = 2**31 - 1
+
+
+def _hash_(x: torch.Tensor) -> torch.Tensor:
+    """An integer hash of int64 values below 2**31, to values below 2**31, in place: B * K = 4M
+    values a step, where each new int64 tensor of that size costs ~3x its arithmetic (page faults)."""
     for _ in range(3):  # LCG step + xorshift; products stay below 2**62
-        x = (x * 1103515245 + 12345) % 2**31
-        x = x ^ (x >> 15)
+        x.mul_(1103515245).add_(12345).bitwise_and_(MASK31)
+        x.bitwise_xor_(x >> 15)
     return x
 
 
@@ -69,9 +73,9 @@ class OtherClassSampler(nn.Module):
         """(B, K) image indices, a function of (epoch, image index, k) only."""
         num_data = len(self.order)
         keys = (epoch * num_data + index)[:, None] * num_negatives + torch.arange(num_negatives, device=index.device)
-        pool, start = (num_data - self.count[labels])[:, None], self.start[labels][:, None]
-        position = _hash(keys % 2**31) % pool
-        position = position + (position >= start) * self.count[labels][:, None]  # past the own class's block
+        count = self.count[labels][:, None]
+        position = _hash_(keys.bitwise_and_(MASK31)).mul_(num_data - count).bitwise_right_shift_(31)  # uniform in [0, N - n_c)
+        position.add_((position >= self.start[labels][:, None]) * count)  # past the own class's block
         return self.order[position]
 
 
