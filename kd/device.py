@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -101,32 +101,126 @@ def hardware_default(hardware: Hardware) -> Precision:
     return Precision("no", "hardware default: no native bf16 on this CPU (no AVX512-BF16 or AMX, or oneDNN capped below them), so bf16 would be emulated")
 
 
+# Exported by `accelerate launch` to what it starts (its simple and torchrun launchers alike),
+# however the launcher itself was started; nobody sets it by hand
+LAUNCHER_MARKER = "ACCELERATE_DYNAMO_MODE"
+LAUNCH_ENTRIES = ("accelerate-launch", "accelerate.commands.launch")  # run the launcher directly
+CLI_ENTRIES = ("accelerate", "accelerate.commands.accelerate_cli")  # run it as their `launch` command
+
+
+def _runs(arg: str, previous: str) -> str:
+    """What a command-line word runs: the module after -m, accelerate's own file run by path
+    (as its module), or a program's name."""
+    path = Path(arg)
+    if previous == "-m":
+        return arg
+    if path.suffix == ".py" and path.parent.parts[-2:] == ("accelerate", "commands"):
+        return f"accelerate.commands.{path.stem}"
+    return path.name
+
+
+def _launcher_options_start(argv: Sequence[str]) -> Optional[int]:
+    """Where the launcher's own options begin in a command line of `accelerate launch`, however
+    it was started (the console scripts `accelerate launch` and `accelerate-launch`, `python -m
+    accelerate.commands.launch`, `python -m accelerate.commands.accelerate_cli launch`, or their
+    files by path); None for any other command line."""
+    for i, arg in enumerate(argv):
+        runs = _runs(arg, argv[i - 1] if i else "")
+        if runs in LAUNCH_ENTRIES:
+            return i + 1
+        if runs in CLI_ENTRIES and argv[i + 1 : i + 2] == ["launch"]:
+            return i + 2
+    return None
+
+
 def is_accelerate_launcher(argv: Sequence[str]) -> bool:
-    if "accelerate.commands.launch" in argv or any(a.endswith("accelerate-launch") for a in argv):
-        return True
-    return "launch" in argv and any(Path(a).name == "accelerate" for a in argv[: argv.index("launch")])
+    return _launcher_options_start(argv) is not None
+
+
+def _proc_argv(pid: int) -> Optional[List[str]]:
+    try:
+        return [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:  # gone, or no /proc: not Linux
+        return None
+
+
+def _proc_environ(pid: int) -> Optional[Dict[str, str]]:
+    """The environment a process was started with (what its own changes leave out)."""
+    try:
+        pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return dict(pair.decode(errors="replace").split("=", 1) for pair in pairs if b"=" in pair)
+
+
+def _parent_pid(pid: int) -> int:
+    try:  # /proc/PID/stat: "pid (name) state ppid ..."; the name may hold spaces and parentheses
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def accelerate_launcher_pid(environ: Optional[Mapping[str, str]] = None) -> Optional[int]:
+    """The process id of the `accelerate launch` that started this process, or None when none
+    did. Whether one did is the launcher's own word (LAUNCHER_MARKER in the environment); which
+    process it is, the nearest ancestor with a launcher's command line: the parent for one
+    process and for torchrun's workers alike, the grandparent of a script a script started."""
+    environ = os.environ if environ is None else environ
+    if LAUNCHER_MARKER not in environ:
+        return None
+    pid = os.getppid()
+    for _ in range(8):
+        argv = _proc_argv(pid) if pid > 1 else None
+        if argv is None:
+            return None
+        if is_accelerate_launcher(argv):
+            return pid
+        pid = _parent_pid(pid)
+    return None
 
 
 def accelerate_launcher_argv() -> Optional[List[str]]:
-    """The command line of the `accelerate launch` that started this process (it is the parent
-    for one process and for torchrun's workers alike), or None when something else started it."""
-    try:
-        argv = [a.decode() for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0") if a]
-    except OSError:  # no /proc: not Linux
+    """The command line of the `accelerate launch` that started this process, or None when none
+    did (or, not on Linux, when it cannot be read: its precision then counts as given)."""
+    pid = accelerate_launcher_pid()
+    return _proc_argv(pid) if pid else None
+
+
+def launcher_threads(launcher_argv: Optional[Sequence[str]], launcher_environ: Optional[Mapping[str, str]],
+                     environ: Mapping[str, str], cores: int, script: str) -> Optional[int]:
+    """The torch threads of a process that `accelerate launch` started, where the launcher chose
+    its OMP_NUM_THREADS (1, whatever the machine, unless given --cpu) and the user did not (the
+    launcher's --num_cpu_threads_per_process, or an OMP_NUM_THREADS it was started with): its
+    share of the `cores` it may use, among the machine's LOCAL_WORLD_SIZE processes. None where
+    the user's value stands or no launcher started it."""
+    if launcher_argv is None or launcher_environ is None or "OMP_NUM_THREADS" in launcher_environ:
         return None
-    return argv if is_accelerate_launcher(argv) else None
+    if any(a.startswith(("--num_cpu_threads_per_process", "--num-cpu-threads-per-process")) for a in _launcher_options(launcher_argv, script)):
+        return None
+    return max(1, cores // int(environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask: taskset, cgroups' cpusets, Slurm)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _launcher_options(launcher_argv: Sequence[str], script: str) -> List[str]:
+    """The launcher's own options: what comes between its name and the script it starts."""
+    start = _launcher_options_start(launcher_argv) or 0
+    own = list(launcher_argv[start:])
+    for i, arg in enumerate(own):
+        if arg == script or arg.endswith(".py") or arg in ("-m", "--module"):  # the script, or the module that follows
+            return own[:i]
+    return own
 
 
 def _launcher_chose_precision(launcher_argv: Sequence[str], script: str, default_config_exists: bool) -> bool:
     """Did the user give `accelerate launch` a precision: its flag, or a config file (named,
     or accelerate's default one)? Only the launcher's own options count, not the script's."""
-    own = list(launcher_argv)
-    for i, arg in enumerate(own):
-        if arg == script or (arg.endswith(".py") and i > 0):
-            own = own[:i]
-            break
+    own = _launcher_options(launcher_argv, script)
     named = any(a.startswith(("--mixed_precision", "--mixed-precision", "--config_file", "--config-file")) for a in own)
-    return named or default_config_exists
+    return named or (default_config_exists and "--cpu" not in own)  # --cpu: the launcher skips its default config
 
 
 def accelerate_default_config_exists() -> bool:
@@ -203,13 +297,32 @@ def keep_freed_memory() -> bool:
 
 
 def tune_for(device: torch.device) -> None:
-    """Per-device speed settings for training with fixed input shapes."""
+    """Per-device speed settings for training with fixed input shapes: on CPU, glibc keeping
+    freed memory and, under `accelerate launch`, the cores its OMP_NUM_THREADS=1 would leave idle."""
     if device.type == "cpu":
         keep_freed_memory()
+        pid = accelerate_launcher_pid()
+        threads = launcher_threads(_proc_argv(pid), _proc_environ(pid), os.environ, usable_cores(), sys.argv[0]) if pid else None
+        if threads:
+            torch.set_num_threads(threads)
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every batch has one shape: autotune each conv once
-        torch.backends.cuda.matmul.fp32_precision = "tf32"  # fp32 runs use tensor cores (Ampere+)
+        allow_tf32()
+
+
+def allow_tf32() -> None:
+    """fp32 matmuls and convolutions on tensor cores (TF32, Ampere+). Torch 2.9 moved the switches
+    to `fp32_precision` (its older `allow_tf32` is deprecated there, and mixing the two raises);
+    before 2.9 only `allow_tf32` exists."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+    if hasattr(torch.backends.cudnn, "conv"):
         torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def describe(device: torch.device) -> str:
