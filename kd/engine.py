@@ -56,7 +56,8 @@ def train_one_epoch(accelerator: Accelerator, model, optimizer, loader: DeviceLo
     sums: Dict[str, torch.Tensor] = {}
     first_bad_step = torch.tensor(-1, device=accelerator.device)
     micro_steps = len(loader) // cfg.grad_accum * cfg.grad_accum  # whole optimizer steps only
-    bar = tqdm(total=micro_steps, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not (accelerator.is_local_main_process and sys.stderr.isatty()), leave=False)
+    shown = accelerator.is_local_main_process and sys.stderr.isatty()  # a bar nobody sees reads no loss: no device sync
+    bar = tqdm(total=micro_steps, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not shown, leave=False)
     images_seen, start = 0, time.perf_counter()
     method = accelerator.unwrap_model(model)
     for micro_step, (images, labels, index) in enumerate(loader):
@@ -80,7 +81,7 @@ def train_one_epoch(accelerator: Accelerator, model, optimizer, loader: DeviceLo
         # remember the first non-finite step without a device sync on every step
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), state.step, first_bad_step)
         images_seen += len(labels) * accelerator.num_processes
-        if (micro_step + 1) % PROGRESS_EVERY == 0 or micro_step + 1 == micro_steps:
+        if shown and ((micro_step + 1) % PROGRESS_EVERY == 0 or micro_step + 1 == micro_steps):
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.3g}", img_s=f"{images_seen / elapsed:.0f}")
             bar.update(micro_step + 1 - bar.n)

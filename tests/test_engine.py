@@ -57,3 +57,27 @@ def test_loader_memory_format_follows_channels_last(channels_last):
         images = next(iter(loader))[0]
         assert images.is_contiguous(memory_format=torch.channels_last) == channels_last
         assert images.is_contiguous() == (not channels_last)
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_the_loss_is_read_for_the_progress_bar_only_where_it_is_shown(tty, monkeypatch):
+    """Reading a loss syncs the device with the host. A bar nobody sees (every process but the
+    local main one, any run whose stderr is not a terminal) must not read it; the epoch's means,
+    one reading per loss term at the end, are all that is read then."""
+    from accelerate import Accelerator
+
+    from kd import engine
+
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    method = Supervised(timm.create_model("cifar_resnet8", num_classes=2))
+    cfg = TrainConfig(batch_size=2, epochs=1, lr=0.01)
+    method, optimizer = accelerator.prepare(method, make_optimizer(method, cfg))
+    split = Split(torch.randint(0, 255, (42, 3, 32, 32), dtype=torch.uint8), torch.arange(42) % 2)
+    loader = DeviceLoader(split, 2, accelerator.device, (0.5,) * 3, (0.25,) * 3, train=True)  # 21 steps: the bar updates at 20 and 21
+    monkeypatch.setattr(engine.sys.stderr, "isatty", lambda: tty)
+    reads = []
+    read = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda tensor: reads.append(tensor.numel()) or read(tensor))
+    engine.train_one_epoch(accelerator, method, optimizer, loader, cfg, engine.TrainerState(), 21, 0)
+    assert len(reads) == 1 + (2 if tty else 0), reads  # the mean of loss_ce, plus the bar's two updates where it is shown
