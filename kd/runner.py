@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import timm
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from kd import checkpoint, device, engine, tracking
 from kd.config import DistillConfig, RunArgs, TrainConfig
@@ -76,6 +76,9 @@ def make_accelerator(cfg: TrainConfig, run: RunArgs, trackers, precision: device
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=trackers or None,
         project_config=tracking.project_config(Path(run.output_dir)),
+        # no broadcast of BatchNorm's buffers from rank 0 before every forward: they only change
+        # what evaluation and the checkpoint see, and engine.evaluate syncs them before both
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
@@ -211,7 +214,12 @@ def changed_setting(saved: Dict, now: Dict, may_change: Sequence[str] = RESUME_M
 
 
 def check_resumable(out: Path, resolved: Dict) -> None:
-    changed = changed_setting(json.loads((out / "run_config.json").read_text()), resolved)
+    saved = json.loads((out / "run_config.json").read_text())
+    trained, now = saved.get("mixed_precision"), resolved["mixed_precision"]
+    if trained and trained != now:  # its numbers differ, and fp16's loss scaler has a state the others lack
+        raise UsageError(f"--resume: the checkpoint was trained in {device.Precision(trained, '').label}, this run is "
+                         f"{device.Precision(now, '').label}; pass --mixed-precision {trained} or start a new --output-dir")
+    changed = changed_setting(saved, resolved)
     if changed:
         key, saved, now = changed
         raise UsageError(f"--resume: {key} was {saved!r} in this run, now {now!r}; "

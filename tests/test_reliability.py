@@ -136,6 +136,24 @@ def test_kill_then_resume_equals_an_uninterrupted_run(tiny_dataset, tmp_path):
         [json.loads(l)["loss"] for l in (whole / "history.jsonl").read_text().splitlines()]
 
 
+def test_resume_in_another_precision_says_what_differs(tiny_dataset, tmp_path):
+    """A bf16 checkpoint resumed where the policy picks fp16 (a V100, a T4) once read as damaged:
+    fp16 loads a loss scaler's state that a bf16 checkpoint lacks. The precision is compared
+    first, and the one line says what differs and how to continue."""
+    from kd.errors import UsageError
+    from kd.runner import check_resumable
+
+    out = tmp_path / "run"
+    run_script("train_student.py", *_train_args(tiny_dataset, out), "--epochs", "1", "--mixed-precision", "bf16")
+    result = run_script("train_student.py", *_train_args(tiny_dataset, out), "--epochs", "1", "--mixed-precision", "no", "--resume", check=False)
+    assert one_line_error(result) == ("error: --resume: the checkpoint was trained in bf16, this run is fp32; "
+                                      "pass --mixed-precision bf16 or start a new --output-dir")
+    on_a_v100 = {**read_json(out / "run_config.json"), "mixed_precision": "fp16"}  # no fp16 run on a CPU: its resolved config
+    with pytest.raises(UsageError, match=r"^--resume: the checkpoint was trained in bf16, this run is fp16; pass --mixed-precision bf16 or"):
+        check_resumable(out, on_a_v100)
+    check_resumable(out, read_json(out / "run_config.json"))  # the same precision resumes
+
+
 def test_same_seed_same_metrics(tiny_dataset, tmp_path):
     first, second = (run_script("train_student.py", *_train_args(tiny_dataset, tmp_path / name), "--epochs", "2") for name in ("a", "b"))
     assert read_json(tmp_path / "a" / "metrics.json") == read_json(tmp_path / "b" / "metrics.json")
