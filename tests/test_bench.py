@@ -101,3 +101,63 @@ def test_row_ratio_and_target():
     assert timing.Row("x", 120.0, 100.0, "ms", "<= 1.10").met is False
     failed = timing.Row("x", "failed: boom", "-", "img/s", ">= 1")
     assert failed.ratio == "failed: boom" and failed.met is None
+
+
+def test_the_benchmark_tunes_its_device_as_the_runner_does(tiny_dataset, monkeypatch):
+    """kd.device.tune_for, which the runner calls (cuDNN autotuning and TF32 on CUDA, glibc's
+    allocator on CPU), runs before any figure, in the benchmark and in each of its children."""
+    import multiprocessing
+
+    import torch
+
+    from kd import device
+    from kd.bench import __main__ as bench, figures, isolated
+
+    events = []
+    monkeypatch.setattr(device, "tune_for", lambda where: events.append(("tune_for", where.type)))
+    for name in ("train_loop", "input_pipeline", "distillation", "memory", "speed_options"):
+        monkeypatch.setattr(figures, name, lambda *args, name=name: events.append(("figure", name)) or [])
+    threads = torch.get_num_threads()
+    assert bench.main(["--quick", "--cpu", "--dataset", str(tiny_dataset), "--threads", str(threads)]) == 0
+    assert events[0] == ("tune_for", "cpu") and [e for e in events if e[0] == "tune_for"] == [("tune_for", "cpu")], events
+    # a child (peak memory, torch.compile) tunes the device its job names, then runs the job
+    monkeypatch.setitem(isolated.JOBS, "probe", lambda device_type: {"ran_on": device_type, "after": list(events)})
+    receive, send = multiprocessing.Pipe(duplex=False)
+    events.clear()
+    isolated._entry(send, "probe", {"threads": threads, "device_type": "cuda"})
+    assert receive.recv() == {"ran_on": "cuda", "after": [("tune_for", "cuda")]}
+
+
+def test_cuda_times_many_steps_per_call_and_compiles_with_inductors_workers():
+    """On CUDA a step takes milliseconds: one step per timed call would set each call of our loop
+    (a whole train_one_epoch, with its end-of-epoch syncs) against one bare step. And a GPU host
+    compiles with inductor's own pool of workers, a CPU run without (its cores are timed)."""
+    from types import SimpleNamespace
+
+    from kd.bench import __main__ as bench, isolated
+
+    for quick in (True, False):
+        args = SimpleNamespace(dataset="d", threads=1, quick=quick)
+        assert bench.settings(args, "cpu", "no").steps_per_call == 1
+        assert bench.settings(args, "cuda", "bf16").steps_per_call >= 20
+    assert isolated.compile_workers("cpu") == 1 and isolated.compile_workers("cuda") is None
+
+
+def test_gpu_memory_is_not_held_to_the_cpu_machines_ram_target(monkeypatch):
+    """Figure 4 on CUDA (its children mocked: there is no GPU here): the teacher's peak GPU
+    memory is set against the GPU's own memory, with no 4 GiB target, and the loading peak,
+    on the host, is read as RSS, not as GPU memory (which the load never touches: 0 MiB)."""
+    from types import SimpleNamespace
+
+    from kd.bench import figures
+
+    child = {"peak_mb": 700.0, "train_peak_mb": 700.0, "load_peak_rss_mb": 1234.0, "num_train": 50000, "device_total_mb": 143771.0}
+    monkeypatch.setattr(figures, "run_isolated", lambda job, timeout, **kwargs: dict(child))
+    data = SimpleNamespace(train=[0] * 50000, num_classes=10)
+    s = figures.Settings("d", 1, "cuda", "bf16", 256, 128, 1, 1, 50, 4, 1, False)
+    (teacher,) = [row for row in figures.memory(data, s) if timing.TEACHER in row.figure]
+    assert "4 GiB" not in teacher.figure and teacher.target == "-" and teacher.baseline == 143771.0
+    assert "loading peak (RSS" in teacher.note and "1234 MiB" in teacher.note
+    cpu = figures.memory(data, figures.Settings("d", 1, "cpu", "no", 256, 128, 1, 1, 1, 4, 1, False))
+    (teacher,) = [row for row in cpu if timing.TEACHER in row.figure]
+    assert teacher.baseline == figures.MEMORY_LIMIT_MB and teacher.target == "< 1" and "1234 MiB" in teacher.note

@@ -27,12 +27,19 @@ COLUMNS = ("figure", "ours", "baseline", "ratio", "target")
 BUDGET_S = 280  # the whole run stays under 5 minutes: torch.compile gets what is left of this
 
 
+# training steps per timed call of our loop and of the bare loop: a CPU step takes about a
+# second; a GPU step a few ms, next to which the syncs that end each call of our loop (an
+# epoch's loss means and non-finite check) would weigh as no real epoch has them weigh
+STEPS_PER_CALL = {"cpu": 1, "cuda": 50}
+
+
 def settings(args, device_type: str, precision: str) -> figures.Settings:
+    steps = STEPS_PER_CALL[device_type]
     if args.quick:
         return figures.Settings(args.dataset, args.threads, device_type, precision, batch_size=32, distill_batch_size=32, warmup=1, repeats=1,
-                                steps_per_call=1, pipeline_batches=4, memory_steps=1, measure_compile=False)
+                                steps_per_call=steps, pipeline_batches=4, memory_steps=1, measure_compile=False)
     return figures.Settings(args.dataset, args.threads, device_type, precision, batch_size=256, distill_batch_size=128, warmup=1, repeats=4,
-                            steps_per_call=1, pipeline_batches=40, memory_steps=1, measure_compile=True)
+                            steps_per_call=steps, pipeline_batches=40, memory_steps=1, measure_compile=True)
 
 
 def _cell(value, unit: str = "") -> str:
@@ -69,8 +76,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu", action="store_true", help="benchmark the CPU even where there is a GPU")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), help="instead of the policy's choice for the device")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     hardware = devices.detect_hardware(use_cpu=args.cpu or None)
+    devices.tune_for(torch.device(hardware.type))  # the runner's settings (cuDNN autotuning, TF32; glibc's allocator)
+    torch.set_num_threads(args.threads)
     precision = devices.choose_precision(args.mixed_precision, hardware, warn=lambda m: print(m, file=sys.stderr), launcher_argv=None)
     s = settings(args, hardware.type, precision.mode)
     start = time.perf_counter()

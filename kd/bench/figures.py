@@ -15,7 +15,7 @@ from kd.data import IMAGE_COLUMNS, CifarData, DeviceLoader
 from kd.distillers import DISTILLERS, FrozenTeacher, Supervised, build_distiller
 from kd.engine import TrainerState, make_optimizer, train_one_epoch
 
-MEMORY_LIMIT_MB = 4096  # the teacher's full-data run should fit a 4 GB machine
+MEMORY_LIMIT_MB = 4096  # the teacher's full-data run should fit a 4 GB machine (its RAM: a CPU run's target only)
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Settings:
     distill_batch_size: int  # batch of figure 3's eight methods, smaller to fit the time budget
     warmup: int  # untimed rounds before the timed ones
     repeats: int  # timed rounds; each figure reports their median
-    steps_per_call: int  # training steps per timed call of our loop and of the bare loop
+    steps_per_call: int  # training steps per timed call of our loop and of the bare loop (fewer where the data has fewer)
     pipeline_batches: int  # batches timed through the usual torch DataLoader pipeline
     memory_steps: int  # training steps run for each peak-memory reading
     measure_compile: bool  # torch.compile warms up for about 40 s on 2 cores
@@ -54,7 +54,8 @@ def train_loop(data: CifarData, s: Settings) -> List[Row]:
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=s.precision, cpu=s.device_type == "cpu")
-    n_images = s.batch_size * s.steps_per_call
+    steps = max(1, min(s.steps_per_call, len(data.train) // s.batch_size))  # the same steps on both sides, in each timed call
+    n_images = s.batch_size * steps
     split = data.train.head(n_images)
     rows = []
     for name in (STUDENT, TEACHER):
@@ -69,9 +70,10 @@ def train_loop(data: CifarData, s: Settings) -> List[Row]:
         loader_only = lambda: [None for _ in loader]  # noqa: E731  the augmentation share of ours
         times = s.time({"ours": ours, "baseline": baseline, "loader": loader_only})
         rows.append(Row(f"1 train step {name}, img/s (our loop vs bare loop)", n_images / times["ours"], n_images / times["baseline"],
-                        "img/s", ">= 0.95", note="ours includes batched crop+flip+normalize; the bare loop has no augmentation"))
-        rows.append(Row(f"1 {name}: crop+flip+normalize ms/batch vs our step", 1e3 * times["loader"] / s.steps_per_call,
-                        1e3 * times["ours"] / s.steps_per_call, "ms", note="ratio: share of our step spent making the batch"))
+                        "img/s", ">= 0.95", note=f"{steps} step{'s' if steps > 1 else ''} per timed call on each side (ours: one train_one_epoch); "
+                                                 "ours includes batched crop+flip+normalize; the bare loop has no augmentation"))
+        rows.append(Row(f"1 {name}: crop+flip+normalize ms/batch vs our step", 1e3 * times["loader"] / steps,
+                        1e3 * times["ours"] / steps, "ms", note="ratio: share of our step spent making the batch"))
     return rows
 
 
@@ -173,9 +175,14 @@ def memory(data: CifarData, s: Settings) -> List[Row]:
                 note="ours holds a uint8 split of the training split's size; bare has no data")]
     rows += [Row(f"4 peak {what} {mode} vs plain student training", peak(mode, "train_peak_mb"), student_train, "MiB") for mode in DISTILLERS]
     teacher = results["teacher"]
-    rows.append(Row(f"4 peak {what} {TEACHER} on the full train split vs 4 GiB", peak("teacher", "peak_mb"), MEMORY_LIMIT_MB, "MiB", "< 1",
-                    note=f"loading peak {teacher.get('load_peak_mb', 0):.0f} MiB, training peak {teacher.get('train_peak_mb') or 0:.0f} MiB, "
-                         f"{teacher.get('num_train', 0)} images"))
+    phases = (f"loading peak (RSS: the data is decoded on the host) {teacher.get('load_peak_rss_mb', 0):.0f} MiB, "
+              f"training peak {teacher.get('train_peak_mb') or 0:.0f} MiB, {teacher.get('num_train', 0)} images")
+    if s.device_type == "cpu":
+        rows.append(Row(f"4 peak {what} {TEACHER} on the full train split vs 4 GiB", peak("teacher", "peak_mb"), MEMORY_LIMIT_MB, "MiB", "< 1",
+                        note=phases))
+    else:  # the 4 GiB target is a CPU machine's RAM; a GPU's memory is only compared with what the GPU has
+        rows.append(Row(f"4 peak {what} {TEACHER} on the full train split vs the GPU's memory", peak("teacher", "peak_mb"),
+                        teacher.get("device_total_mb", "-"), "MiB", note=phases))
     return rows
 
 

@@ -14,6 +14,7 @@ import torch
 
 from kd.bench.timing import (STUDENT, TEACHER, bare_step, create_model, peak_memory_mb, peak_rss_mb, random_batch,
                              reset_peak_memory, time_steps)
+from kd import device as devices
 from kd.device import keep_freed_memory
 from kd.config import DistillConfig, TrainConfig
 from kd.data import DeviceLoader, Split, load_cifar
@@ -53,6 +54,7 @@ def _entry(send, job: str, kwargs: Dict) -> None:
     # tqdm's default lock is a multiprocessing semaphore that a forked child never releases
     # (it leaves by os._exit), so the resource tracker would warn about leaks at shutdown
     tqdm.set_lock(threading.RLock())
+    devices.tune_for(torch.device(kwargs["device_type"]))  # process-wide, as in a run: cuDNN autotuning and TF32, glibc's allocator
     torch.set_num_threads(kwargs.pop("threads"))
     try:
         result = JOBS[job](**kwargs)
@@ -96,7 +98,7 @@ def memory_job(kind: str, dataset: Optional[str], batch_size: int, steps: int, n
     else:
         split = Split(torch.full((num_images, 3, 32, 32), 128, dtype=torch.uint8), torch.arange(num_images) % num_classes)
         mean, std = CIFAR10_MEAN, CIFAR10_STD
-    load_peak = peak_memory_mb(device_type)
+    load_peak = peak_rss_mb()  # decoded on the host on either device: nothing is on a GPU yet
     can_reset = reset_peak_memory(device_type)
     accelerator = Accelerator(mixed_precision=precision, cpu=device_type == "cpu")
     student = create_model(TEACHER if kind == "teacher" else STUDENT, num_classes)
@@ -111,15 +113,24 @@ def memory_job(kind: str, dataset: Optional[str], batch_size: int, steps: int, n
     loader = DeviceLoader(split, batch_size, accelerator.device, mean, std, train=True)
     train_one_epoch(accelerator, method, optimizer, FirstBatches(loader, steps), cfg, TrainerState(), 10_000, 0)
     train_peak = peak_memory_mb(device_type)
-    return {"peak_mb": max(load_peak, train_peak), "load_peak_mb": load_peak, "train_peak_mb": train_peak if can_reset else None,
-            "after_imports_mb": after_imports, "num_train": len(split)}
+    on_gpu = {"device_total_mb": torch.cuda.get_device_properties(accelerator.device).total_memory / 2**20} if device_type == "cuda" else {}
+    return {"peak_mb": max(load_peak, train_peak) if device_type == "cpu" else train_peak, "load_peak_rss_mb": load_peak,
+            "train_peak_mb": train_peak if can_reset else None, "after_imports_mb": after_imports, "num_train": len(split), **on_gpu}
+
+
+def compile_workers(device_type: str) -> Optional[int]:
+    """inductor's compile workers: none besides the process itself on a CPU run, whose cores the
+    timed steps need (a pool stalls a 2-core machine); inductor's own default on a GPU host."""
+    return 1 if device_type == "cpu" else None
 
 
 def compile_job(batch_size: int, warmup: int, repeats: int, device_type: str, precision: str) -> Dict:
     """torch.compile (inductor) vs eager on the bare step, after the compile warm-up."""
     import torch._inductor.config as inductor_config
 
-    inductor_config.compile_threads = 1  # no pool of compile workers on a 2-core machine
+    workers = compile_workers(device_type)
+    if workers:
+        inductor_config.compile_threads = workers
     batch = [random_batch(batch_size, device_type=device_type)]
     eager = bare_step(create_model(STUDENT, device_type=device_type), batch, precision)
     compiled = bare_step(torch.compile(create_model(STUDENT, device_type=device_type)), batch, precision)
