@@ -20,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from kd.data import is_local_dataset  # noqa: E402
 from kd.distillers import DISTILLERS  # noqa: E402
 
 PRESETS = REPO / "presets"
@@ -59,7 +60,10 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny budgets (1 epoch on 256 images) to test the script on a CPU")
     parser.add_argument("--modes", nargs="*", default=list(DISTILLERS), help="distillation modes (default: all)")
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    # absolute: the children run in the repository, which need not be where this was started
+    out = Path(args.out).expanduser().resolve()
+    if is_local_dataset(args.dataset):
+        args.dataset = str(Path(args.dataset).expanduser().resolve())
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_MODE", "disabled")
     start = time.perf_counter()
