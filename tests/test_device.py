@@ -244,7 +244,8 @@ def test_tune_for_cuda_turns_on_autotuning_and_tf32_without_a_gpu():
     import torch
 
     if hasattr(torch.backends.cudnn, "conv"):
-        tf32 = [(torch.backends.cuda.matmul, "fp32_precision", "ieee", "tf32"), (torch.backends.cudnn.conv, "fp32_precision", "ieee", "tf32")]
+        tf32 = [(torch.backends.cuda.matmul, "fp32_precision", "ieee", "tf32"),
+                (torch.backends.cudnn.conv, "fp32_precision", "ieee", "tf32")]
     else:
         tf32 = [(torch.backends.cuda.matmul, "allow_tf32", False, True), (torch.backends.cudnn, "allow_tf32", False, True)]
     switches = [*tf32, (torch.backends.cudnn, "benchmark", False, True)]
