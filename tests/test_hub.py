@@ -94,6 +94,8 @@ class FakeHub(BaseHTTPRequestHandler):
         if "/preupload/" in self.path:
             files = json.loads(body)["files"]
             return self.reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+        if self.command == "GET" and "/revision/" in self.path:  # huggingface_hub 0.30 asks whether the repo stores with Xet first
+            return self.reply({"id": "someone/model", "xetEnabled": False})
         if "/commit/" in self.path:
             for line in body.decode().splitlines():
                 item = json.loads(line)
@@ -142,7 +144,8 @@ def test_push_uploads_model_card_and_results_but_no_checkpoint(run_dir, fake_hub
                             capture_output=True, text=True, env=hub_env(endpoint), cwd=REPO, timeout=300)
     assert result.returncode == 0 and result.stderr == "", (result.stderr, received.get("unexpected"))
     create = received["create"]
-    assert (create["name"], create["organization"], create["visibility"]) == ("model", "someone", "private")
+    assert (create["name"], create["organization"]) == ("model", "someone")
+    assert create.get("visibility") == "private" or create.get("private") is True  # newer huggingface_hub / 0.30's field
     assert received["auth"] == "Bearer hf_test_token"
     assert received["card_metadata"]["library_name"] == "timm"
     assert set(received["files"]) == PUSHED  # nothing from checkpoint/
