@@ -83,12 +83,12 @@ def test_grid_budget_tunes_on_each_declared_grid(tmp_path, capsys, monkeypatch):
     plan, _ = plan_lines(capsys, tmp_path, "--seeds", "1", "--modes", "dkd", "no-grid", "logits-ls")  # cpu: --trials grid
     values = ",".join(str(value) for value in DKD.search_grid["dkd_beta"])
     assert f"-m kd.tune --method dkd --grid dkd_beta={values} --output-dir" in plan["dkd/tune"]
-    assert plan["dkd/tune"].split()[0] == "resume"  # 2 of the grid's 3 points
+    assert plan["dkd/tune"].split()[0] == "resume"  # 2 of the grid's 4 points
     assert "student/tune" not in plan and "logits-ls/tune" not in plan  # not asked for; a variant: defaults only
     assert "no-grid/default/s0" in plan and "no-grid/tune" not in plan and "no-grid/tuned/s1" not in plan
     leaderboard.main(["run", "--dataset", "d", "--out", str(tmp_path / "lb"), "--budget", "cpu", "--dry-run", "--seeds", "1", "--modes", "no-grid"])
     assert capsys.readouterr().out.startswith("note: no-grid declares no search_grid (kd/distillers/): defaults only under --trials grid\n")
-    (search / "tune.json").write_text(json.dumps({"trials": 3, "best_params": {"dkd_beta": 1.0}, "grid": grid}))
+    (search / "tune.json").write_text(json.dumps({"trials": len(grid_points(grid)), "best_params": {"dkd_beta": 1.0}, "grid": grid}))
     plan, _ = plan_lines(capsys, tmp_path, "--seeds", "1", "--modes", "dkd")
     assert plan["dkd/tune"].split()[0] == "skip" and plan["dkd/tuned/s1"].split()[0] == "run"
     (search / "tune.json").write_text(json.dumps({"trials": 3, "best_params": {"dkd_beta": 1.0}, "grid": None}))  # 3 TPE draws
