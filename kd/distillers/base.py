@@ -80,7 +80,8 @@ class Distiller(nn.Module):
         self.student = student
         self.teacher = teacher  # a plain object, not a submodule (see FrozenTeacher)
         self.label_smoothing = label_smoothing
-        self.num_train = None if train_labels is None else len(train_labels)  # for methods with per-image state (CRD's banks)
+        # train_labels (the training set's labels, in dataset order) is for the methods that keep
+        # per-image state or draw by class, which take it in from_config (crd); the base keeps nothing
 
     @classmethod
     def pair_defaults(cls, cfg, teacher: str, student: str):
