@@ -140,6 +140,10 @@ def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Opt
     announce = lambda m: print(m, file=sys.stderr, flush=True) if os.environ.get("RANK", "0") == "0" else None  # noqa: E731  before accelerate starts
     trackers = tracking.resolve_trackers(run.report_to, announce=announce)
     precision = device.choose_precision(run.mixed_precision, warn=announce)
+    # whoever started the process group ends it: kd.tune's search over several processes starts
+    # it before its first trial and keeps it for the next (end_training would destroy it while
+    # accelerate's state stays initialised, and the next trial's first collective would fail)
+    caller_owns_group = torch.distributed.is_available() and torch.distributed.is_initialized()
     accelerator = make_accelerator(cfg, run, trackers, precision)
     set_seed(cfg.seed)
     data = load_data(accelerator, cfg, run)
@@ -159,7 +163,11 @@ def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Opt
         metrics = fit(accelerator, method, data, cfg, run, precision, on_epoch)
         accelerator.wait_for_everyone()
     finally:  # a run stopped early (pruned, failed) still closes its trackers
-        accelerator.end_training()
+        if caller_owns_group:
+            for tracker in accelerator.trackers:
+                tracker.finish()
+        else:
+            accelerator.end_training()
     if run.push_to_hub and accelerator.is_main_process:  # last: everything is saved before any push
         accelerator.print(f"pushed to {push_run(out, run.push_to_hub, private=run.hub_private)}")
     return metrics
