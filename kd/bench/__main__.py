@@ -5,7 +5,8 @@ the device (CUDA when there is one, else the CPU; --cpu forces the CPU) and the 
 policy picks there (kd.device; --mixed-precision overrides it), which every figure uses;
 figure 5 also times bf16 against fp32. --output also writes the rows, settings and machine as JSON. About 3 minutes on 2 CPU cores
 (never more than 5: torch.compile gets what is left of the budget, or is skipped);
---quick (small batches, one timed round, no torch.compile) about 30 s, as a smoke test."""
+--quick (small batches, one timed round, no torch.compile) about 30 s, as a smoke test.
+--budget SECONDS lowers the 5 minutes (scripts/gpu_check.py --quick gives it what its plan allows)."""
 
 import argparse
 import math
@@ -24,7 +25,7 @@ from kd.errors import main_guard
 from kd.export import write_json_atomic
 
 COLUMNS = ("figure", "ours", "baseline", "ratio", "target")
-BUDGET_S = 280  # the whole run stays under 5 minutes: torch.compile gets what is left of this
+BUDGET_S = 280  # the whole run stays under 5 minutes: torch.compile gets what is left of this (--budget)
 
 
 # training steps per timed call of our loop and of the bare loop: a CPU step takes about a
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every timed process (default: 1)")
     parser.add_argument("--quick", action="store_true", help="smoke test: small batches, one timed round, no torch.compile")
     parser.add_argument("--output", help="also write the results to this JSON file")
+    parser.add_argument("--budget", type=float, default=BUDGET_S, help=f"seconds for the whole run; torch.compile gets what is left of them, "
+                                                                       f"or is skipped under 60 (default: {BUDGET_S})")
     parser.add_argument("--cpu", action="store_true", help="benchmark the CPU even where there is a GPU")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), help="instead of the policy's choice for the device")
     args = parser.parse_args(argv)
@@ -86,7 +89,7 @@ def main(argv=None) -> int:
     rows, seconds = [], {}
     for name, figure in (("train_loop", lambda: figures.train_loop(data, s)), ("input_pipeline", lambda: figures.input_pipeline(data, s)),
                          ("distillation", lambda: figures.distillation(data, s)), ("memory", lambda: figures.memory(data, s)),
-                         ("speed_options", lambda: figures.speed_options(s, BUDGET_S - (time.perf_counter() - start)))):
+                         ("speed_options", lambda: figures.speed_options(s, args.budget - (time.perf_counter() - start)))):
         figure_start = time.perf_counter()
         rows += figure()
         seconds[name] = round(time.perf_counter() - figure_start, 1)
