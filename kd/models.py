@@ -1,13 +1,16 @@
 """CIFAR ResNets registered in timm, with intermediate feature maps ("taps") by name.
 
 After ``import kd``, ``timm.create_model("cifar_resnet14x4", num_classes=10)`` builds one
-and ``timm.list_models("cifar_*")`` lists them all.
+and ``timm.list_models("cifar_*")`` lists them all, the papers' zoo (kd.zoo, ``cifar_rd_*``)
+among them.
 
 Taps are the outputs of the stem, of every residual block (``layer2.0``) and of every
 stage (``layer2``, the same tensor as its last block). ``model(x, taps=("layer2",))``
 returns ``(logits, {"layer2": tensor})`` so that, under DDP, features come out of the
 wrapped model's forward; ``model.forward_taps(x, taps, stop_early=True)`` runs only as
 far as the last tap asked for, which is how a frozen teacher skips its unused layers.
+Every model's last tap is the map its head pools (CRD embeds it). `TapNet` holds all of
+this for any architecture that lists its modules in forward order (`_steps`).
 """
 
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-__all__ = ["CifarResNet", "TapError", "list_taps"]
+__all__ = ["CifarResNet", "TapError", "TapNet", "list_taps"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -48,71 +51,21 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x), inplace=True)
 
 
-class CifarResNet(nn.Module):
-    """ResNet for 32x32 inputs: a 3x3 stride-1 stem and three stages of BasicBlocks."""
+class TapNet(nn.Module):
+    """A classifier whose feature maps ("taps") can be read by name: subclasses list their
+    modules in forward order with the tap names of each one's output (`_steps`) and hold a
+    timm classifier head (`global_pool`, `fc`, `drop_rate`, `num_features`)."""
 
-    def __init__(
-        self,
-        layers: Sequence[int] = (1, 1, 1),
-        widths: Sequence[int] = (16, 32, 64),
-        num_classes: int = 10,
-        in_chans: int = 3,
-        drop_rate: float = 0.0,
-        global_pool: str = "avg",
-    ):
-        super().__init__()
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False),
-            nn.BatchNorm2d(widths[0]),
-            nn.ReLU(inplace=True),
-        )
-        # `module` names the module whose output each feature is, as timm's features_only
-        # wrapper finds it (after flattening the stem and `layers` Sequentials)
-        self.feature_info = [dict(num_chs=widths[0], reduction=1, module="stem.2")]
-        stages, in_chs, reduction = [], widths[0], 1
-        for index, (depth, width) in enumerate(zip(layers, widths)):
-            stride = 1 if index == 0 else 2
-            reduction *= stride
-            blocks = [BasicBlock(in_chs if b == 0 else width, width, stride if b == 0 else 1) for b in range(depth)]
-            stages.append(nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"layers.{index}"))
-            in_chs = width
-        self.layers = nn.Sequential(*stages)  # state_dict keys as a ModuleList: layers.S.B...
-        self.num_features = in_chs
-        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        self._init_weights()
+    num_features: int
+    drop_rate: float = 0.0
 
-    def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        for module in self.modules():
-            # zero-init the last BN of each residual branch: every block starts as identity
-            if isinstance(module, BasicBlock):
-                nn.init.zeros_(module.bn2.weight)
-
-    # -- taps -------------------------------------------------------------------------------
-    def _steps(self) -> List[Tuple[str, nn.Module, Optional[str]]]:
-        """(block tap name, module, stage tap name ending here or None), in forward order."""
-        steps = [("stem", self.stem, None)]
-        for s, stage in enumerate(self.layers):
-            for b, block in enumerate(stage):
-                steps.append((f"layer{s + 1}.{b}", block, f"layer{s + 1}" if b == len(stage) - 1 else None))
-        return steps
+    def _steps(self) -> List[Tuple[nn.Module, Tuple[str, ...]]]:
+        """(module, the tap names of its output), in forward order; the last module's output
+        is what the head pools."""
+        raise NotImplementedError
 
     def tap_names(self) -> List[str]:
-        names = []
-        for block_name, _, stage_name in self._steps():
-            names.append(block_name)
-            if stage_name:
-                names.append(stage_name)
-        return names
+        return [name for _, names in self._steps() for name in names]
 
     def _check_taps(self, taps: Iterable[str]) -> List[str]:
         taps = list(taps)
@@ -129,9 +82,9 @@ class CifarResNet(nn.Module):
         last requested tap are not run and the logits are None."""
         wanted = set(self._check_taps(taps))
         features: Dict[str, torch.Tensor] = {}
-        for block_name, module, stage_name in self._steps():
+        for module, names in self._steps():
             x = module(x)
-            for name in (block_name, stage_name):
+            for name in names:
                 if name in wanted:
                     features[name] = x
             if stop_early and len(features) == len(wanted):
@@ -145,7 +98,9 @@ class CifarResNet(nn.Module):
         return x if pre_logits else self.fc(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.stem(x))
+        for module, _ in self._steps():
+            x = module(x)
+        return x
 
     def forward(self, x: torch.Tensor, taps: Sequence[str] = ()):
         if taps:
@@ -162,8 +117,74 @@ class CifarResNet(nn.Module):
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool_type)
 
 
+class CifarResNet(TapNet):
+    """ResNet for 32x32 inputs: a 3x3 stride-1 stem and three stages of BasicBlocks.
+    `stem_width` (default: the first stage's width) and `zero_init_last` (kd's models: True)
+    are what the papers' ResNets (kd.zoo) set otherwise."""
+
+    def __init__(
+        self,
+        layers: Sequence[int] = (1, 1, 1),
+        widths: Sequence[int] = (16, 32, 64),
+        num_classes: int = 10,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
+        stem_width: Optional[int] = None,
+        zero_init_last: bool = True,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        stem_width = stem_width or widths[0]
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, stem_width, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(stem_width),
+            nn.ReLU(inplace=True),
+        )
+        # `module` names the module whose output each feature is, as timm's features_only
+        # wrapper finds it (after flattening the stem and `layers` Sequentials)
+        self.feature_info = [dict(num_chs=stem_width, reduction=1, module="stem.2")]
+        stages, in_chs, reduction = [], stem_width, 1
+        for index, (depth, width) in enumerate(zip(layers, widths)):
+            stride = 1 if index == 0 else 2
+            reduction *= stride
+            blocks = [BasicBlock(in_chs if b == 0 else width, width, stride if b == 0 else 1) for b in range(depth)]
+            stages.append(nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"layers.{index}"))
+            in_chs = width
+        self.layers = nn.Sequential(*stages)  # state_dict keys as a ModuleList: layers.S.B...
+        self.num_features = in_chs
+        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self._init_weights(zero_init_last)
+
+    def _init_weights(self, zero_init_last: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            # zero-init the last BN of each residual branch: every block starts as identity
+            if zero_init_last and isinstance(module, BasicBlock):
+                nn.init.zeros_(module.bn2.weight)
+
+    def _steps(self) -> List[Tuple[nn.Module, Tuple[str, ...]]]:
+        steps = [(self.stem, ("stem",))]
+        for s, stage in enumerate(self.layers):
+            for b, block in enumerate(stage):
+                # a stage's tap is the same tensor as its last block's
+                steps.append((block, (f"layer{s + 1}.{b}",) + ((f"layer{s + 1}",) if b == len(stage) - 1 else ())))
+        return steps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.stem(x))
+
+
 @torch.no_grad()
-def list_taps(model: CifarResNet, input_size: Sequence[int] = (3, 32, 32)) -> Dict[str, Tuple[int, ...]]:
+def list_taps(model: TapNet, input_size: Sequence[int] = (3, 32, 32)) -> Dict[str, Tuple[int, ...]]:
     """Each tap's name and (C, H, W) shape, measured with one forward pass on zeros."""
     was_training = model.training
     model.eval()
@@ -254,3 +275,6 @@ def cifar_resnet8x4(pretrained: bool = False, **kwargs) -> CifarResNet:
 def cifar_resnet14x4(pretrained: bool = False, **kwargs) -> CifarResNet:
     """The report's teacher: ~2.78M parameters."""
     return _create("cifar_resnet14x4", pretrained, **kwargs)
+
+
+from kd import zoo  # noqa: E402,F401  the papers' models (cifar_rd_*); last: kd.zoo builds on the classes above

@@ -5,14 +5,65 @@ import timm
 import torch
 
 import kd  # noqa: F401  registers the models
-from kd.models import TapError, list_taps
+from kd.config import DistillConfig
+from kd.distillers import DISTILLERS, FrozenTeacher, build_distiller
+from kd.models import CifarResNet, TapError, list_taps
 
 ALL_MODELS = timm.list_models("cifar_*")
+ZOO_MODELS = timm.list_models("cifar_rd_*")
+# the papers' tables on 100 classes (CRD: Tian et al. 2020, Table 1; DKD: Zhao et al. 2022), in
+# millions, and the exact count of the reference code (HobbitLong/RepDistiller models/, run
+# with num_classes=100 on 2026-12-04)
+PAPER_PARAMS = {
+    "cifar_rd_resnet8x4": (1.23, 1233540), "cifar_rd_resnet32x4": (7.43, 7433860), "cifar_rd_resnet56": (0.86, 861620),
+    "cifar_rd_resnet110": (1.74, 1736564), "cifar_rd_resnet20": (0.28, 278324), "cifar_rd_resnet32": (0.47, 472756),
+    "cifar_rd_wrn_40_2": (2.26, 2255156), "cifar_rd_wrn_16_2": (0.70, 703284), "cifar_rd_wrn_40_1": (0.57, 569780),
+    "cifar_rd_vgg13": (9.46, 9462180), "cifar_rd_vgg8": (3.96, 3965028), "cifar_rd_mobilenetv2": (0.81, 812836),
+    "cifar_rd_shufflenetv2": (1.36, 1355528),
+}
+# the reference's feature maps f0, f1, ... (its `is_feat=True` list, before pooling) as (C, H, W)
+# on 32x32 inputs, which the taps stem, layer1, ... are
+REFERENCE_FEATURES = {
+    "cifar_rd_resnet8x4": [(32, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8)],
+    "cifar_rd_resnet32x4": [(32, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8)],
+    "cifar_rd_wrn_40_2": [(16, 32, 32), (32, 32, 32), (64, 16, 16), (128, 8, 8)],
+    "cifar_rd_vgg13": [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4)],
+    "cifar_rd_mobilenetv2": [(16, 16, 16), (12, 16, 16), (16, 8, 8), (48, 4, 4), (160, 2, 2)],
+    "cifar_rd_shufflenetv2": [(24, 32, 32), (116, 16, 16), (232, 8, 8), (464, 4, 4)],
+}
 
 
 def test_every_model_is_registered():
-    assert set(ALL_MODELS) == {"cifar_resnet8", "cifar_resnet14", "cifar_resnet20", "cifar_resnet32",
-                               "cifar_resnet56", "cifar_resnet110", "cifar_resnet8x4", "cifar_resnet14x4"}
+    assert set(ALL_MODELS) - set(ZOO_MODELS) == {"cifar_resnet8", "cifar_resnet14", "cifar_resnet20", "cifar_resnet32",
+                                                 "cifar_resnet56", "cifar_resnet110", "cifar_resnet8x4", "cifar_resnet14x4"}
+    assert set(ZOO_MODELS) == set(PAPER_PARAMS)
+
+
+@pytest.mark.parametrize("name", ZOO_MODELS)
+def test_zoo_parameter_counts_are_the_papers(name):
+    """On 100 classes (the zoo's default): the reference code's exact count, and the table's to
+    its last digit (the tables print VGG8's 3.965M as 3.96, resnet110's 1.737M as 1.74)."""
+    table, exact = PAPER_PARAMS[name]
+    model = timm.create_model(name)
+    count = sum(p.numel() for p in model.parameters())
+    assert model.num_classes == 100 and count == exact and abs(count / 1e6 - table) < 0.01
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_FEATURES))
+def test_zoo_taps_are_the_reference_features(name):
+    shapes = list_taps(timm.create_model(name))
+    names = ["stem"] + [f"layer{i}" for i in range(1, len(REFERENCE_FEATURES[name]))]
+    assert [shapes[n] for n in names] == REFERENCE_FEATURES[name]
+
+
+def test_the_papers_resnet8x4_is_not_kds():
+    """kd's cifar_resnet8x4 (the seed report's student) has a 64-channel stem and zero-initialised
+    last BNs; the papers' a 32-channel stem and every BN gamma 1. The rest is the same."""
+    ours, papers = timm.create_model("cifar_resnet8x4", num_classes=100), timm.create_model("cifar_rd_resnet8x4")
+    assert list_taps(ours)["stem"] == (64, 32, 32) and list_taps(papers)["stem"] == (32, 32, 32)
+    assert sum(p.numel() for p in ours.parameters()) == 1250724
+    assert (ours.layers[0][0].bn2.weight == 0).all() and (papers.layers[0][0].bn2.weight == 1).all()
+    assert list_taps(ours)["layer3"] == list_taps(papers)["layer3"]
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
@@ -31,12 +82,21 @@ def test_forward_backward(name):
 def test_taps_agree_with_forward(name):
     model = timm.create_model(name).eval()
     x = torch.randn(2, 3, 32, 32)
-    logits, features = model(x, taps=("layer2", "layer3"))
+    last = model.tap_names()[-1]
+    logits, features = model(x, taps=("layer2", "layer3", last))
     torch.testing.assert_close(logits, model(x))
     shapes = list_taps(model)
     assert tuple(features["layer2"].shape[1:]) == shapes["layer2"]
-    assert shapes["layer2"] == shapes[f"layer2.{len(model.layers[1]) - 1}"]  # stage = its last block
-    assert shapes["layer3"][1:] == (8, 8) and shapes["stem"][1:] == (32, 32)
+    # the last tap is what the head pools (CRD embeds it): the features, num_features channels
+    torch.testing.assert_close(features[last], model.forward_features(x))
+    assert shapes[last] == (model.num_features, *model.pretrained_cfg["pool_size"])
+    torch.testing.assert_close(model.forward_head(features[last], pre_logits=True), features[last].mean((2, 3)))
+    if isinstance(model, CifarResNet):
+        assert shapes["layer2"] == shapes[f"layer2.{len(model.layers[1]) - 1}"]  # stage = its last block
+        assert shapes["layer3"][1:] == (8, 8) and shapes["stem"][1:] == (32, 32)
+    # stage taps halve the size (or keep it): AT and hidden pairs match by these names
+    sizes = [shapes[n][1] for n in ("stem", "layer1", "layer2", "layer3")]
+    assert all(a in (b, 2 * b) for a, b in zip(sizes, sizes[1:]))
 
 
 @pytest.mark.parametrize("name,expected", [("cifar_resnet14x4", 2.78e6), ("cifar_resnet8x4", 1.23e6)])
@@ -72,21 +132,26 @@ def test_timm_conventions(name):
     model = timm.create_model(name, num_classes=5).eval()
     x = torch.randn(2, 3, 32, 32)
     features = model.forward_features(x)
-    assert features.shape == (2, model.num_features, 8, 8)
+    pool_size = tuple(model.pretrained_cfg["pool_size"])
+    assert features.shape == (2, model.num_features, *pool_size)
     torch.testing.assert_close(model.forward_head(features), model(x))
     assert model.forward_head(features, pre_logits=True).shape == (2, model.num_features)
 
     wrapped = timm.create_model(name, features_only=True).eval()
     maps = wrapped(x)
     assert [m.shape[1] for m in maps] == wrapped.feature_info.channels()
-    assert [32 // m.shape[-1] for m in maps] == wrapped.feature_info.reduction() == [1, 1, 2, 4]
-    # the wrapper flattens the stem and stage Sequentials: stem.0 -> stem_0, layers.1.0 -> layers_1.0
-    flat = {re.sub(r"^(stem|layers)\.(\d+)", r"\1_\2", k): v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    assert [32 // m.shape[-1] for m in maps] == wrapped.feature_info.reduction()
+    if isinstance(model, CifarResNet):
+        assert wrapped.feature_info.reduction() == [1, 1, 2, 4]
+    # the wrapper flattens the top-level Sequentials: stem.0 -> stem_0, layers.1.0 -> layers_1.0
+    sequentials = "|".join(n for n, m in model.named_children() if isinstance(m, torch.nn.Sequential))
+    flat = {re.sub(rf"^({sequentials})\.(\d+)", r"\1_\2", k): v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     wrapped.load_state_dict(flat)
-    _, taps = model.forward_taps(x, ["stem", "layer1", "layer2", "layer3"])
-    for feature_map, tap in zip(wrapped(x), ("stem", "layer1", "layer2", "layer3")):
+    tap_of = [info.get("tap") for info in model.feature_info] if "tap" in model.feature_info[0] else ["stem", "layer1", "layer2", "layer3"]
+    _, taps = model.forward_taps(x, tap_of)
+    for feature_map, tap in zip(wrapped(x), tap_of):
         torch.testing.assert_close(feature_map, taps[tap])  # the features are the named taps
-    only_last = timm.create_model(name, features_only=True, out_indices=(3,))
+    only_last = timm.create_model(name, features_only=True, out_indices=(len(model.feature_info) - 1,))
     assert [m.shape[1] for m in only_last(x)] == [model.num_features]
 
     model.reset_classifier(3)
@@ -94,7 +159,7 @@ def test_timm_conventions(name):
     model.reset_classifier(0)
     assert model(x).shape == (2, model.num_features)
     model.reset_classifier(0, "")
-    assert model(x).shape == (2, model.num_features, 8, 8)  # no pooling: the feature map
+    assert model(x).shape == (2, model.num_features, *pool_size)  # no pooling: the feature map
 
     max_pooled = timm.create_model(name, num_classes=0, global_pool="max").eval()
     max_pooled.load_state_dict(model.state_dict())
@@ -105,7 +170,46 @@ def test_timm_conventions(name):
 
     cfg = timm.data.resolve_data_config({}, model=model)
     assert cfg["input_size"] == (3, 32, 32) and len(cfg["mean"]) == len(cfg["std"]) == 3
-    assert tuple(model.pretrained_cfg["mean"]) == (0.4914, 0.4822, 0.4465) and all(0 < s < 1 for s in cfg["std"])
+    cifar_mean = (0.5071, 0.4865, 0.4409) if name in ZOO_MODELS else (0.4914, 0.4822, 0.4465)  # CIFAR-100's, CIFAR-10's
+    assert tuple(model.pretrained_cfg["mean"]) == cifar_mean and all(0 < s < 1 for s in cfg["std"])
     state = model.state_dict()
     assert model.pretrained_cfg["first_conv"] + ".weight" in state
     assert timm.create_model(name).pretrained_cfg["classifier"] + ".weight" in timm.create_model(name).state_dict()
+
+
+# the smallest zoo model of each architecture class: the taps API is the class's
+ONE_PER_CLASS = ["cifar_rd_resnet20", "cifar_rd_wrn_16_2", "cifar_rd_vgg8", "cifar_rd_mobilenetv2", "cifar_rd_shufflenetv2"]
+
+
+def test_one_per_class_covers_every_zoo_class():
+    assert {type(timm.create_model(n)) for n in ZOO_MODELS} == {type(timm.create_model(n)) for n in ONE_PER_CLASS}
+
+
+@pytest.mark.parametrize("mode", sorted(DISTILLERS))
+@pytest.mark.parametrize("name", ONE_PER_CLASS)
+def test_every_method_trains_every_zoo_architecture(name, mode):
+    """Each method with the zoo model as student and as teacher (its own architecture, so that
+    every method's shape rules hold) takes a training step: finite loss terms, a gradient that
+    reaches the student's first layer."""
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(timm.create_model(name, num_classes=5))
+    method = build_distiller(mode, timm.create_model(name, num_classes=5), teacher, DistillConfig(mode=mode, crd_negatives=4),
+                             train_labels=torch.arange(8) % 5).train()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    logits, terms = method(images, labels, torch.arange(4))
+    assert logits.shape == (4, 5) and len(terms) >= 2 and all(torch.isfinite(t) for t in terms.values())
+    sum(terms.values()).backward()
+    assert method.student.fc.weight.grad is not None and torch.isfinite(method.student.fc.weight.grad).all()
+    assert all(p.grad is not None for p in method.student.stem.parameters())  # the gradient reaches the input end
+
+
+@pytest.mark.parametrize("mode", ["hidden-trained", "crd", "dkd"])
+def test_cross_architecture_pairs(mode):
+    """The papers' cross-architecture rows: a VGG13 teacher for MobileNetV2 and a ResNet32x4 for
+    ShuffleNetV2; feature methods go through an adapter or an embedding."""
+    for teacher_name, student_name in (("cifar_rd_vgg13", "cifar_rd_mobilenetv2"), ("cifar_rd_resnet32x4", "cifar_rd_shufflenetv2")):
+        teacher = FrozenTeacher(timm.create_model(teacher_name))
+        method = build_distiller(mode, timm.create_model(student_name), teacher, DistillConfig(mode=mode, crd_negatives=4),
+                                 train_labels=torch.arange(8) % 4).train()
+        logits, terms = method(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), torch.arange(2))
+        assert logits.shape == (2, 100) and all(torch.isfinite(t) for t in terms.values())
