@@ -28,6 +28,9 @@ class TrainConfig:
     momentum: float = _opt(0.9, "SGD Nesterov momentum")
     weight_decay: float = _opt(5e-4, "L2 weight decay on conv/linear weights (not on BN or biases)")
     warmup_epochs: float = _opt(1.0, "linear warm-up from 0 before the cosine decay, in epochs")
+    lr_milestones: Tuple[float, ...] = _opt((), "epochs after which the lr is multiplied by --lr-decay: step decay after the "
+                                            "warm-up (the CRD/DKD papers' 150 180 210); none: cosine decay to 0", nargs="*", type=float)
+    lr_decay: float = _opt(0.1, "factor of each --lr-milestones step")
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy term")
     grad_accum: int = _opt(1, "gradient accumulation steps (the global batch stays --batch-size)")
     seed: int = _opt(0, "seed for weights, data order and augmentation")
@@ -129,7 +132,10 @@ def _check_yaml_value(path: str, action: argparse.Action, value):
         return value
     if action.nargs == "*":
         value = value if isinstance(value, list) else [value]
-        return tuple(str(v) for v in value)
+        try:  # each element as the command line parses it (--lr-milestones: floats)
+            return tuple(action.type(str(v)) if action.type else str(v) for v in value)
+        except ValueError:
+            raise UsageError(f"config file {path}: {key}: {value!r} is not a list of {action.type.__name__} values") from None
     if value is None and action.default is None:
         return value
     if isinstance(value, bool) and action.choices and ("yes" if value else "no") in action.choices:
@@ -203,6 +209,9 @@ def validate(train: TrainConfig, distill: Optional[DistillConfig]) -> None:
     for flag, value in {"--max-train-samples": train.max_train_samples, "--max-eval-samples": train.max_eval_samples}.items():
         if value is not None and value <= 0:
             raise UsageError(f"{flag} must be positive, got {value}")
+    milestones = list(train.lr_milestones)
+    if not (all(m > 0 for m in milestones) and milestones == sorted(set(milestones)) and 0 < train.lr_decay <= 1):
+        raise UsageError(f"--lr-milestones must be increasing epochs > 0 and --lr-decay in (0, 1], got {milestones} and {train.lr_decay}")
     if train.weight_decay < 0 or train.warmup_epochs < 0 or not 0 <= train.label_smoothing < 1:
         raise UsageError("--weight-decay and --warmup-epochs must be >= 0 and --label-smoothing in [0, 1)")
     if distill and not 0 <= distill.alpha <= 1:

@@ -5,7 +5,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -34,10 +34,13 @@ class TrainerState:
         return asdict(self)
 
 
-def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
-    """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 0."""
+def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, milestones: Sequence[int] = (), decay: float = 0.1) -> float:
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 0; or, with
+    `milestones` (optimizer steps), step decay: `peak` times `decay` for each milestone reached."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
+    if milestones:
+        return peak * decay ** sum(step >= milestone for milestone in milestones)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -60,10 +63,11 @@ def train_one_epoch(accelerator: Accelerator, model, optimizer, loader: DeviceLo
     bar = tqdm(total=micro_steps, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not shown, leave=False)
     images_seen, start = 0, time.perf_counter()
     method = accelerator.unwrap_model(model)
+    milestones = [round(epoch * (micro_steps // cfg.grad_accum)) for epoch in cfg.lr_milestones]  # epochs -> optimizer steps
     for micro_step, (images, labels, index) in enumerate(loader):
         if micro_step == micro_steps:
             break
-        lr = learning_rate(state.step, total_steps, warmup_steps, cfg.lr)
+        lr = learning_rate(state.step, total_steps, warmup_steps, cfg.lr, milestones, cfg.lr_decay)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # for methods with schedules (DKD's warm-up); counted in optimizer steps, as the processes count them

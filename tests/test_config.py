@@ -74,3 +74,19 @@ def test_bad_preset_under_a_script_is_one_line(tiny_dataset, tmp_path):
 def test_channels_last_is_on_by_default_and_no_channels_last_turns_it_off():
     assert parse(parser(), [])[2].channels_last is True
     assert parse(parser(), ["--no-channels-last"])[2].channels_last is False
+
+
+def test_lr_milestones_from_yaml_and_command_line_are_epochs(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("lr_milestones: [150, 180, 210]\n")
+    train, _, _ = parse(parser(), ["--config", str(preset)])
+    assert tuple(train.lr_milestones) == (150.0, 180.0, 210.0) and train.lr_decay == 0.1
+    train, _, _ = parse(parser(), ["--config", str(preset), "--lr-milestones", "2.5", "--lr-decay", "0.5"])
+    assert tuple(train.lr_milestones) == (2.5,) and train.lr_decay == 0.5
+    assert tuple(parse(parser(), [])[0].lr_milestones) == ()  # default: the cosine schedule
+    for bad in (["--lr-milestones", "180", "150"], ["--lr-milestones", "0"], ["--lr-milestones", "10", "--lr-decay", "0"]):
+        with pytest.raises(UsageError, match="--lr-milestones must be increasing epochs > 0"):
+            parse(parser(), bad)
+    preset.write_text("lr_milestones: [150, soon]\n")
+    with pytest.raises(UsageError, match="lr_milestones: .* is not a list of float values"):
+        parse(parser(), ["--config", str(preset)])

@@ -25,6 +25,21 @@ def test_warmup_is_linear_from_the_first_step_then_cosine_to_zero():
     assert learning_rate(0, 10, 0, 0.1) == pytest.approx(0.1)  # no warm-up: the peak at once
 
 
+def test_step_decay_at_milestones_after_the_warmup():
+    """The CRD/DKD papers' schedule (RepDistiller's adjust_learning_rate: lr * 0.1 ** (number of
+    milestones below the 1-based epoch)): 0.05 up to epoch 150, 0.005 from epoch 151, ..."""
+    steps_per_epoch, peak = 10, 0.05
+    milestones = [150 * steps_per_epoch, 180 * steps_per_epoch, 210 * steps_per_epoch]
+
+    def papers(epoch):  # 1-based, as the reference counts
+        return peak * 0.1 ** sum(epoch > m for m in (150, 180, 210))
+
+    for step in range(0, 240 * steps_per_epoch, 7):
+        assert learning_rate(step, 2400, 0, peak, milestones, 0.1) == pytest.approx(papers(step // steps_per_epoch + 1), rel=1e-12)
+    assert learning_rate(1500, 2400, 0, peak, milestones, 0.1) == pytest.approx(0.005)  # the first step of epoch 151
+    assert [learning_rate(s, 40, 4, 0.4, [20], 0.5) for s in (0, 3, 4, 19, 20, 39)] == pytest.approx([0.1, 0.4, 0.4, 0.4, 0.2, 0.2])
+
+
 def test_weight_decay_only_on_conv_and_linear_weights():
     model = timm.create_model("cifar_resnet8", num_classes=4)
     optimizer = make_optimizer(Supervised(model), TrainConfig(weight_decay=1e-3, momentum=0.8))
