@@ -89,11 +89,12 @@ def grid_points(grid: Dict[str, list]) -> List[Dict]:
 
 
 def held_points(study) -> List[Dict]:
-    """The points trials hold already: finished, or queued to run (an interrupted trial, marked
-    failed, holds none)."""
+    """The points trials hold already: finished, queued to run, or running (another worker's; an
+    interrupted trial, marked failed, holds none)."""
     import optuna
 
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.WAITING)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.WAITING,
+              optuna.trial.TrialState.RUNNING)
     # a queued trial has no params until it runs: its point is in the system attribute enqueue_trial sets
     return [trial.system_attrs.get("fixed_params", trial.params) if trial.state == optuna.trial.TrialState.WAITING else trial.params
             for trial in study.get_trials(deepcopy=False, states=states)]

@@ -15,22 +15,26 @@ leaderboard's default run on the search's seed) as that point's trial, instead o
 again. The study lives in OUTPUT_DIR/study.db (SQLite): run the same command again and it
 continues to the trial budget; a trial a kill cut off is marked failed, its point (a grid's or
 a TPE draw) is tried again, and that trial resumes the cut-off run from its last checkpoint.
-Writes OUTPUT_DIR/best.yaml (a preset for --config), trials.png and tune.json."""
+Writes OUTPUT_DIR/best.yaml (a preset for --config), trials.png and tune.json.
+
+Under `accelerate launch --num_processes N -m kd.tune ...` it is one search whose every trial
+trains on the N processes: the first owns the study and hands each point (and each pruning
+decision) to the others. Several workers (`python -m kd.tune ... --storage journal`, each on
+its own GPU) share one study instead: see kd.study and docs/tuning.md."""
 
 import json
-import sys
+import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from kd.config import Parser, TrainConfig, parse
 from kd.distillers import DISTILLERS
 from kd.errors import RunError, UsageError, main_guard
 from kd.export import write_json_atomic, write_text_atomic
 from kd.plots import plot_trials
-from kd.space import SUPERVISED, enqueue_grid, grid_points, methods, parse_grid, search_space, suggest
+from kd.space import SUPERVISED, grid_points, methods, parse_grid, search_space, suggest
+from kd.study import TakeTurns, Worker, check_storage, finished, next_trial, open_study, others_alive, running
 from kd.trials import preset_of, resume_interrupted, reuse_runs, training_entry, trial_argv, trial_line
-
-PRUNE_STARTUP_TRIALS = 3  # trials that always finish before the median means anything
 
 
 def check_training_args(method: str, training_args: List[str], searched: Sequence[str] = ()) -> TrainConfig:
@@ -50,73 +54,143 @@ def check_training_args(method: str, training_args: List[str], searched: Sequenc
     return cfg
 
 
-def make_objective(method: str, space: Dict[str, tuple], training_args: List[str], out: Path, epochs: int):
+class Processes:
+    """The processes that train each trial: this one, or the N that `accelerate launch` started
+    (WORLD_SIZE). The first owns the study (opens it, draws, reports, tells); the others follow
+    what it decides, so that all train the same point and stop together."""
+
+    def __init__(self):
+        self.count = int(os.environ.get("WORLD_SIZE", "1"))
+        self.state = None
+        if self.count > 1:
+            from accelerate import PartialState
+            from accelerate.utils import parse_flag_from_env
+
+            # the process group lives over the whole search: kd.runner leaves a group it did not start
+            self.state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() would start it
+        self.main = self.state is None or self.state.is_main_process
+
+    def decide(self, work: Callable):
+        """`work()`, run by the first process; its result (or its UsageError) on every process."""
+        result, error = None, None
+        if self.main:
+            try:
+                result = work()
+            except UsageError as caught:
+                error = caught
+        if self.state is not None:
+            from accelerate.utils import broadcast_object_list
+
+            result, error = broadcast_object_list([result, error], from_process=0)
+        if error is not None:
+            raise error
+        return result
+
+    def close(self) -> None:
+        if self.state is not None:
+            self.state.destroy_process_group()
+
+
+class Search:
+    """The first process's side of a search: the study, this worker, the trial it runs."""
+
+    def __init__(self, args, out: Path, space: Dict[str, tuple], grid: Optional[Dict], budget: int, training_args: List[str]):
+        self.args, self.out, self.space, self.grid, self.budget, self.training_args = args, out, space, grid, budget, training_args
+        out.mkdir(parents=True, exist_ok=True)
+        self.worker = Worker(out)
+        try:
+            self.open()
+        except BaseException:
+            self.worker.close()
+            raise
+
+    def open(self) -> None:
+        """Create or load the study, take the runs given as trials, and say what is left to run."""
+        args, out, space, grid, budget, training_args = self.args, self.out, self.space, self.grid, self.budget, self.training_args
+        with TakeTurns(out):
+            if args.storage == "sqlite" and others_alive(out, self.worker.name):
+                raise UsageError(f"another kd.tune worker searches {out}, whose study.db (SQLite) takes one writer: "
+                                 "start every worker with --storage journal (one machine, a shared file system) or a database URL")
+            self.study = open_study(out, args.method, args.sampler_seed, args.prune_from_epoch, training_args, grid, args.storage)
+            if args.reuse_runs and len(finished(self.study)) < budget:
+                reuse_runs(self.study, args.method, space, grid, training_args, args.reuse_runs, budget=budget - len(finished(self.study)))
+            done, others = len(finished(self.study)), len(running(self.study))
+        remaining = budget - done - others
+        if remaining > 0:
+            elsewhere = f", {others} running in other workers" if others else ""
+            print(f"tune {args.method}: {done} of {budget} trials done{elsewhere}, running {remaining} "
+                  f"({'grid' if grid else 'space'}: {', '.join(space)})", flush=True)
+
+    def next_order(self) -> Optional[Tuple]:
+        """(trial number, values, run folder, resume?) of the next trial, or None: the budget is spent."""
+        with TakeTurns(self.out):
+            self.trial = next_trial(self.study, self.out, self.worker, self.args.sampler_seed, self.budget, self.grid)
+            if self.trial is None:
+                return None
+            values = suggest(self.trial, self.space)
+            run_dir = self.out / "trials" / f"{self.trial.number:03d}"
+            self.trial.set_user_attr("run_dir", str(run_dir))
+            resume = resume_interrupted(self.trial, self.args.method, self.training_args, values, run_dir)
+        return self.trial.number, values, run_dir, resume
+
+    def report(self, record: Dict, epochs: int) -> str:
+        """Why the trial is pruned after this epoch's record, or ""."""
+        self.trial.report(record["val_f1_macro"], record["epoch"])
+        if record["epoch"] < epochs and self.trial.should_prune():  # a trial at its last epoch has spent its budget: keep it
+            return f"val f1_macro {record['val_f1_macro']:.4f} at epoch {record['epoch']}, below the median"
+        return ""
+
+    def tell(self, state, value: Optional[float] = None, run_dir: Optional[Path] = None) -> None:
+        if value is not None:
+            self.trial.set_user_attr("preset", preset_of(run_dir))
+        told = self.study.tell(self.trial, value, state=None if value is not None else state)
+        if told.state.name != "FAIL":
+            print(trial_line(self.study, told), flush=True)
+
+    def summarize(self) -> Optional[Dict]:
+        """tune.json's content, written by the last worker to finish; None for the others."""
+        with TakeTurns(self.out):
+            others = running(self.study)
+            if others:
+                print(f"{len(others)} trials still run in other workers; the last to finish writes {self.out / 'tune.json'}", flush=True)
+                return None
+            return summarize(self.study, self.args.method, self.out)
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+def run_trials(processes: Processes, search: Optional[Search], method: str, training_args: List[str], epochs: int) -> None:
+    """Train trials until the study's budget is spent, every process on the same point."""
     import optuna
 
     _, train = training_entry(method)
+    while True:
+        order = processes.decide(lambda: search.next_order())
+        if order is None:
+            return
+        _, values, run_dir, resume = order
 
-    def on_epoch_for(trial):
         def on_epoch(record: Dict) -> None:
             if "val_f1_macro" not in record:
                 raise UsageError("kd.tune needs validation metrics every epoch (--val-size > 0)")
-            trial.report(record["val_f1_macro"], record["epoch"])
-            if record["epoch"] < epochs and trial.should_prune():  # a trial at its last epoch has spent its budget: keep it
-                raise optuna.TrialPruned(f"val f1_macro {record['val_f1_macro']:.4f} at epoch {record['epoch']}, below the median")
-        return on_epoch
+            why = processes.decide(lambda: search.report(record, epochs))  # the gathered score: one decision for all
+            if why:
+                raise optuna.TrialPruned(why)
 
-    def objective(trial) -> float:
-        values = suggest(trial, space)
-        run_dir = out / "trials" / f"{trial.number:03d}"
-        trial.set_user_attr("run_dir", str(run_dir))
-        resume = resume_interrupted(trial, method, training_args, values, run_dir)
+        value = None
         try:
-            metrics = train(trial_argv(method, training_args, values, run_dir, resume), on_epoch_for(trial))
-        except RunError as error:  # a diverging setting (non-finite loss) is a result, not a crash: prune it
-            raise optuna.TrialPruned(str(error)) from error
-        trial.set_user_attr("preset", preset_of(run_dir))
-        return metrics["val"]["f1_macro"]  # the kept weights' validation score; test is never read
-
-    return objective
-
-
-def open_study(out: Path, method: str, sampler_seed: int, prune_from_epoch: int, training_args: List[str], grid: Optional[Dict] = None):
-    """The study of `out`, created or loaded; trials a killed search left running are marked failed."""
-    import optuna
-
-    storage = f"sqlite:///{(out / 'study.db').resolve()}"
-    others = [name for name in optuna.get_all_study_names(storage) if name != method]
-    if others:
-        raise UsageError(f"{out} holds a search for {others[0]!r}; use another --output-dir for {method!r}")
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNE_STARTUP_TRIALS, n_warmup_steps=prune_from_epoch)
-    study = optuna.create_study(study_name=method, storage=storage, direction="maximize", pruner=pruner, load_if_exists=True)
-    if grid is not None and "grid" not in study.user_attrs and finished(study):  # queued points would mix with its draws
-        raise UsageError(f"{out} holds a search of TPE draws; a --grid search needs another --output-dir")
-    if grid is None and "grid" in study.user_attrs:  # its queued points would run before any draw, and tune.json would say grid
-        raise UsageError(f"{out} holds a --grid search; resume it with its --grid, or give a search of TPE draws another --output-dir")
-    saved = study.user_attrs.get("training_args")
-    if saved is not None and saved != training_args:
-        raise UsageError(f"{out} was searched with training flags {' '.join(saved)}; resume with the same flags or use another --output-dir")
-    study.set_user_attr("training_args", training_args)
-    if grid is not None:
-        if study.user_attrs.get("grid", grid) != grid:
-            raise UsageError(f"{out} was searched on the grid {study.user_attrs['grid']}; resume with the same --grid or use another --output-dir")
-        study.set_user_attr("grid", grid)
-    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
-        if grid is None and stale.params:  # a TPE draw is tried again, not dropped for a new one (enqueue_grid queues a grid's)
-            study.enqueue_trial(stale.params)
-        again = "its point is tried again" if grid is not None or stale.params else "it had drawn no point yet"  # killed before suggest
-        print(f"trial {stale.number} was interrupted; marked failed (it does not count toward --trials), {again}", file=sys.stderr)
-    # reseeded by the history's length: a resumed search draws new points, still reproducibly
-    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.trials), n_startup_trials=PRUNE_STARTUP_TRIALS)
-    return study
-
-
-def finished(study) -> List:
-    import optuna
-
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return study.get_trials(deepcopy=False, states=states)
+            value = train(trial_argv(method, training_args, values, run_dir, resume), on_epoch)["val"]["f1_macro"]  # test is never read
+        except optuna.TrialPruned:
+            pass
+        except RunError:  # a diverging setting (non-finite loss) is a result, not a crash: prune it
+            pass
+        except BaseException:
+            if processes.main:
+                search.tell(optuna.trial.TrialState.FAIL)  # recorded, not counted toward --trials
+            raise
+        if processes.main:
+            search.tell(optuna.trial.TrialState.PRUNED, value, run_dir)
 
 
 def write_preset(study, method: str, path: Path) -> Dict:
@@ -145,8 +219,11 @@ def build_parser() -> Parser:
     parser = Parser(prog="python -m kd.tune", description=__doc__.splitlines()[0], allow_abbrev=False,
                     epilog="Every other flag is passed to the training script of the method.")
     parser.add_argument("--method", required=True, help=f"what to tune: {', '.join(methods())}")
-    parser.add_argument("--trials", type=int, help="trial budget of the search (finished + pruned trials, over all resumes); with --grid: its size")
+    parser.add_argument("--trials", type=int, help="trial budget of the search (finished + pruned trials, over all resumes and workers); with --grid: its size")
     parser.add_argument("--output-dir", required=True, help="the search folder: study.db, trials/, best.yaml, trials.png")
+    parser.add_argument("--storage", default="sqlite", metavar="sqlite|journal|URL",
+                        help="where the study lives: OUTPUT_DIR/study.db (SQLite, one worker), OUTPUT_DIR/study.journal (several "
+                             "workers on one machine or a shared file system), or a database URL (workers on many machines)")
     parser.add_argument("--params", nargs="+", help="search only these names of the method's space")
     parser.add_argument("--grid", nargs="+", metavar="NAME=V1,V2", help="try these points (every combination, in order) instead of TPE draws")
     parser.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (the trials' training seed is --seed)")
@@ -174,27 +251,29 @@ def tune(argv: Optional[Sequence[str]] = None) -> Dict:
     if size is not None and trials > size:
         raise UsageError(f"--trials {trials} is more than the grid's {size} points")
     space = search_space(args.method, list(grid) if grid else args.params)
+    check_storage(args.storage)
     epochs = check_training_args(args.method, training_args, list(space)).epochs
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial; a failing trial ends in one error line, no traceback
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    study = open_study(out, args.method, args.sampler_seed, args.prune_from_epoch, training_args, grid)
-    if args.reuse_runs and len(finished(study)) < trials:
-        reuse_runs(study, args.method, space, grid, training_args, args.reuse_runs, budget=trials - len(finished(study)))
-    remaining = trials - len(finished(study))
-    if remaining > 0:
-        if grid is not None:
-            enqueue_grid(study, grid)
-        print(f"tune {args.method}: {len(finished(study))} of {trials} trials done, running {remaining} "
-              f"({'grid' if grid else 'space'}: {', '.join(space)})")
-        study.optimize(make_objective(args.method, space, training_args, out, epochs), n_trials=remaining,
-                       callbacks=[lambda study, trial: print(trial_line(study, trial), flush=True)])
-    return summarize(study, args.method, out)
+    processes, search = Processes(), None
+    try:
+        def start() -> None:
+            nonlocal search
+            search = Search(args, out, space, grid, trials, training_args)
+
+        processes.decide(start)
+        run_trials(processes, search, args.method, training_args, epochs)
+        return processes.decide(lambda: search.summarize())
+    finally:
+        if search is not None:
+            search.close()
+        processes.close()
 
 
 def summarize(study, method: str, out: Path) -> Dict:
+    """tune.json, best.yaml and trials.png of the study's finished trials."""
     done = finished(study)
     if not any(trial.state.name == "COMPLETE" for trial in done):
         raise RunError(f"no trial of {method} finished (all {len(done)} pruned); nothing to write")

@@ -1,5 +1,6 @@
 """kd.tune: a real Optuna study (SQLite in tmp_path) over real tiny training runs, resumed after
-a simulated kill; the per-epoch hook of the runner; one-line errors for bad input."""
+a simulated kill; the per-epoch hook of the runner; one-line errors for bad input; one search
+over two accelerate processes (gloo), and two workers sharing one study (JournalStorage)."""
 
 import json
 import os
@@ -11,8 +12,8 @@ import time
 
 import pytest
 
-from conftest import REPO, read_json
-from kd import cli, space, tune
+from conftest import REPO, free_port, read_json
+from kd import cli, space, study as studies, tune
 from kd.config import build_parser, parse
 from kd.distillers import DISTILLERS, Distiller
 
@@ -424,3 +425,128 @@ def test_error_inside_a_trial_is_one_line_and_exit_2(tmp_path, capsys):
 
     study = optuna.load_study(study_name="logits", storage=f"sqlite:///{tmp_path / 'tune' / 'study.db'}")
     assert [trial.state.name for trial in study.trials] == ["FAIL"]  # recorded, and not counted toward --trials
+
+
+def launch_tune(*args, processes: int = 2) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes N -m kd.tune ...` on CPU (gloo), as docs/tuning.md says."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               "-m", "kd.tune", *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_one_search_trains_every_trial_on_all_launched_processes(tiny_dataset, tmp_path):
+    """The first process owns the study and hands each trial's point to the other; both train it
+    (DDP). The process group lives over the trials: the second trial's collectives used to find
+    it destroyed by the first trial's end_training."""
+    out = tmp_path / "tune"
+    result = launch_tune("--method", "supervised", "--grid", "lr=0.05,0.2", "--output-dir", out, "--dataset", tiny_dataset, *TUNE_FLAGS)
+    assert result.stdout.count("tune supervised: 0 of 2 trials done, running 2 (grid: lr)") == 1  # one process speaks for the search
+    trials = load_study(out).trials
+    assert [(t.state.name, t.params) for t in trials] == [("COMPLETE", {"lr": 0.05}), ("COMPLETE", {"lr": 0.2})]
+    for trial in trials:
+        run_dir = out / "trials" / f"{trial.number:03d}"
+        resolved = read_json(run_dir / "run_config.json")
+        assert resolved["num_processes"] == 2 and resolved["train"]["lr"] == trial.params["lr"]  # both processes trained this point
+        assert trial.value == read_json(run_dir / "metrics.json")["val"]["f1_macro"]
+        assert result.stdout.count(f"trial {trial.number}: lr=") == 1
+    assert result.stdout.count("| 2 processes |") == 2  # each trial's start line
+    assert read_json(out / "tune.json")["trials"] == 2 and sorted(p.name for p in (out / "trials").iterdir()) == ["000", "001"]
+
+
+def test_a_trial_pruned_under_two_processes_stops_both_and_the_search_goes_on(tiny_dataset, tmp_path):
+    """The first process decides from the validation score gathered over both; both stop after
+    that epoch and leave the trial together (a process left training would hang the other)."""
+    import optuna
+
+    out = tmp_path / "tune"
+    out.mkdir()
+    study = optuna.create_study(study_name="supervised", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
+    grid = {"lr": [0.05, 0.1, 0.2, 0.4]}
+    study.set_user_attr("grid", grid)
+    lr = space.distribution(*space.search_space("supervised")["lr"])
+    for value in grid["lr"][1:]:  # three trials that scored 1.0 from epoch 1 on (as --reuse-runs adds them): the median to beat
+        study.add_trial(optuna.trial.create_trial(params={"lr": value}, distributions={"lr": lr}, value=1.0, intermediate_values={1: 1.0, 2: 1.0},
+                                                  user_attrs={"run_dir": str(tmp_path / "elsewhere"), "preset": {"lr": value}}))
+    result = launch_tune("--method", "supervised", "--grid", "lr=0.05,0.1,0.2,0.4", "--prune-from-epoch", "1", "--output-dir", out,
+                         "--dataset", tiny_dataset, *TUNE_FLAGS, "--epochs", "2")
+    pruned = load_study(out).trials[3]
+    assert pruned.state.name == "PRUNED" and pruned.params == {"lr": 0.05} and list(pruned.intermediate_values) == [1]
+    assert f"trial 3: lr=0.05 -> pruned at epoch 1, val f1_macro {pruned.intermediate_values[1]:.4f}" in result.stdout
+    history = [json.loads(line) for line in (out / "trials" / "003" / "history.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in history] == [1]
+    assert read_json(out / "tune.json")["pruned"] == 1  # both processes left the trial and the search ended
+
+
+def start_worker(argv) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "kd.tune", *map(str, argv)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_workers_share_one_study_and_run_each_grid_point_once(tiny_dataset, tmp_path, capsys):
+    """Two `python -m kd.tune --storage journal` on one folder, as on two GPUs: held at the study's
+    lock until both have started, then let go at once. Together they run the grid's four points,
+    each once; the last to finish writes tune.json."""
+    import fcntl
+
+    import optuna
+
+    out = tmp_path / "tune"
+    out.mkdir()
+    argv = ["--method", "supervised", "--grid", "lr=0.05,0.1,0.2,0.4", "--storage", "journal", "--output-dir", out,
+            "--dataset", tiny_dataset, *TUNE_FLAGS]
+    turn = open(out / "study.lock", "a")
+    fcntl.flock(turn, fcntl.LOCK_EX)
+    workers = [start_worker(argv) for _ in range(2)]
+    deadline = time.monotonic() + 300
+    while len(list((out / "workers").glob("*.lock"))) < 2 and time.monotonic() < deadline and all(w.poll() is None for w in workers):
+        time.sleep(0.05)
+    turn.close()  # both wait for the turn to create the study
+    outputs = [worker.communicate(timeout=600) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], [err[-2000:] for _, err in outputs]
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "study.journal")))
+    trials = optuna.load_study(study_name="supervised", storage=storage).trials
+    assert sorted(t.params["lr"] for t in trials) == [0.05, 0.1, 0.2, 0.4] and {t.state.name for t in trials} == {"COMPLETE"}
+    reported = sorted(line.split(":")[0] for stdout, _ in outputs for line in stdout.splitlines() if re.match(r"trial \d+: lr=", line))
+    assert reported == [f"trial {number}" for number in range(4)]  # each trial run and reported by one worker
+    assert read_json(out / "tune.json")["trials"] == 4 and not (out / "study.db").exists()
+    assert not list((out / "workers").glob("*.lock"))  # each worker took its file away
+    line = refused(capsys, [*map(str, argv[:4]), "--output-dir", str(out), "--dataset", "d"])  # resumed without --storage journal
+    assert f"{out} keeps its study in study.journal: resume with --storage journal" in line
+
+
+def test_a_running_trial_is_failed_only_once_its_worker_is_gone(tmp_path):
+    """A worker that holds its lock file runs its trial still; one killed (its file left, the
+    lock released) cut its trial off: marked failed, its point queued again."""
+    import optuna
+
+    study = optuna.create_study(study_name="logits", storage=studies.storage_of(tmp_path, "journal"), direction="maximize")
+    live, killed = studies.Worker(tmp_path), studies.Worker(tmp_path)
+    killed.file.close()  # what a kill leaves: the file, no lock
+    trials = {}
+    for name, worker in (("live", live), ("killed", killed)):
+        trials[name] = study.ask()
+        trials[name].suggest_float("temperature", 1.0, 8.0, log=True)
+        trials[name].set_user_attr("worker", worker.name)
+    studies.fail_cut_off(study, tmp_path, grid=None)
+    states = {name: study.trials[trial.number].state.name for name, trial in trials.items()}
+    assert states == {"live": "RUNNING", "killed": "FAIL"}
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    assert [trial.system_attrs["fixed_params"] for trial in waiting] == [trials["killed"].params]
+    assert sorted(path.stem for path in (tmp_path / "workers").iterdir()) == [live.name]  # the killed worker's file is cleared
+    live.close()
+
+
+def test_a_second_worker_on_sqlite_is_refused(tmp_path, capsys):
+    """study.db takes one writer: a worker that finds another alive says how to share the study."""
+    out = tmp_path / "tune"
+    out.mkdir()
+    other = studies.Worker(out)
+    line = refused(capsys, ["--method", "supervised", "--trials", "2", "--output-dir", str(out), "--dataset", "d"])
+    assert f"another kd.tune worker searches {out}, whose study.db (SQLite) takes one writer: start every worker with --storage journal" in line
+    other.close()
+    assert not (out / "study.db").exists()
