@@ -32,9 +32,11 @@ def train(role: str, argv: Optional[Sequence[str]] = None, on_epoch: Optional[ru
 def check_teacher(model, source: str, num_classes: int, image_shape) -> None:
     if model.num_classes != num_classes:
         raise UsageError(f"teacher {source} predicts {model.num_classes} classes but the dataset has {num_classes}; train a teacher on this dataset")
-    teacher_input = tuple(model.pretrained_cfg.get("input_size", (3, 32, 32)))
+    teacher_input = tuple(model.pretrained_cfg.get("input_size", (3, 32, 32)))  # what its export recorded
     if teacher_input != tuple(image_shape):
-        raise UsageError(f"teacher {source} was trained on {teacher_input} images but the dataset has {tuple(image_shape)}")
+        shape = lambda s: "x".join(map(str, s))  # noqa: E731
+        raise UsageError(f"teacher {source} was trained on {shape(teacher_input)} images but this run's are {shape(image_shape)}; "
+                         f"pass --image-size {teacher_input[-1]} or train a teacher at this size")
 
 
 def print_layers(student, teacher: FrozenTeacher) -> None:

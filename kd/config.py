@@ -37,6 +37,10 @@ class TrainConfig:
     val_size: int = _opt(5000, "images held out of train (stratified, fixed split) to pick the kept weights; 0: keep the last epoch")
     max_train_samples: Optional[int] = _opt(None, "use only this many training images (quick runs)")
     max_eval_samples: Optional[int] = _opt(None, "use only this many validation and test images (quick runs)")
+    image_size: Optional[int] = _opt(None, "resize every image to N x N when decoding (shorter side to N, centre crop); "
+                                     "needed where a split's images differ in size (default: the dataset's own size)", type=int)
+    crop_padding: Optional[int] = _opt(None, "zero padding of the random crop, in pixels; 0: flips only "
+                                       "(default: 4 up to 32x32 images, an eighth of the side above)", type=int)
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,9 @@ class DistillConfig:
 @dataclass(frozen=True)
 class RunArgs:
     dataset: str = _opt(None, "Hub id or local folder readable by datasets.load_dataset (default: $KD_DATASET or uoft-cs/cifar10)")
+    image_column: Optional[str] = _opt(None, "the dataset's image column (default: its only Image column)")
+    label_column: Optional[str] = _opt(None, "the dataset's label column: ClassLabel, integers or strings (default: its only ClassLabel column)")
+    test_split: Optional[str] = _opt(None, "the split read for the final evaluation (default: the first of test, validation, valid)")
     output_dir: str = _opt("outputs/run", "run folder")
     resume: bool = _opt(False, "continue from the run folder's last saved state")
     overwrite: bool = _opt(False, "replace a run folder that already holds a run")
@@ -206,12 +213,15 @@ def validate(train: TrainConfig, distill: Optional[DistillConfig]) -> None:
     for flag, value in positive.items():
         if not value > 0:
             raise UsageError(f"{flag} must be positive, got {value}")
-    for flag, value in {"--max-train-samples": train.max_train_samples, "--max-eval-samples": train.max_eval_samples}.items():
+    for flag, value in {"--max-train-samples": train.max_train_samples, "--max-eval-samples": train.max_eval_samples,
+                        "--image-size": train.image_size}.items():
         if value is not None and value <= 0:
             raise UsageError(f"{flag} must be positive, got {value}")
     milestones = list(train.lr_milestones)
     if not (all(m > 0 for m in milestones) and milestones == sorted(set(milestones)) and 0 < train.lr_decay <= 1):
         raise UsageError(f"--lr-milestones must be increasing epochs > 0 and --lr-decay in (0, 1], got {milestones} and {train.lr_decay}")
+    if train.crop_padding is not None and train.crop_padding < 0:
+        raise UsageError(f"--crop-padding must be >= 0, got {train.crop_padding}")
     if train.weight_decay < 0 or train.warmup_epochs < 0 or not 0 <= train.label_smoothing < 1:
         raise UsageError("--weight-decay and --warmup-epochs must be >= 0 and --label-smoothing in [0, 1)")
     if distill and not 0 <= distill.alpha <= 1:

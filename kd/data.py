@@ -1,19 +1,19 @@
-"""CIFAR-style image classification data: loaded through `datasets`, decoded once into a uint8
-tensor (N x 3 x H x W) cached on disk, kept on the training device, augmented a whole batch
-at a time (airbench's approach: no PIL and no worker processes in the hot loop)."""
+"""Image classification data: loaded through `datasets`, its columns and splits found (or
+named by flags), decoded once into a uint8 tensor (N x 3 x H x W, kd.images) cached on disk,
+kept on the training device, augmented a whole batch at a time (airbench's approach: no PIL
+and no worker processes in the hot loop)."""
 
-import hashlib
-import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
-from PIL import Image
 
+from kd import images as image_files
 from kd.errors import UsageError
+from kd.images import cache_dir  # noqa: F401  (where the decoded splits are cached; tests and tools read it here)
+from kd.layout import IMAGE_COLUMNS, Layout, class_labels, column_list, eval_split_name, find_columns  # noqa: F401
 
 HUB_DATASET = "uoft-cs/cifar10"
 
@@ -22,8 +22,8 @@ def default_dataset() -> str:
     """$KD_DATASET, read when a command line is parsed (not at import), else the Hub's CIFAR-10."""
     return os.environ.get("KD_DATASET", HUB_DATASET)
 
-IMAGE_COLUMNS = ("img", "image")
 VAL_SPLIT_SEED = 0  # the held-out validation split never changes with --seed
+DEVICE_SHARE = 0.8  # of a GPU's free memory the decoded set may take: the rest is the model's and the batches'
 
 
 @dataclass
@@ -49,14 +49,39 @@ class CifarData:
     class_names: List[str]
     mean: Tuple[float, ...]  # per channel, of the training images, in [0, 1]
     std: Tuple[float, ...]
+    test_split: str = "test"  # the dataset's split that `test` holds
+    image_column: str = "img"
+    label_column: str = "label"
+    notes: List[str] = field(default_factory=list)  # said once to the user (an alpha channel dropped)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("KD_CACHE_DIR", Path.home() / ".cache" / "kd"))
+    @property
+    def nbytes(self) -> int:
+        """The decoded images held on the device: train, validation and test."""
+        return sum(s.images.numel() for s in (self.train, self.val, self.test) if s is not None)
+
+    def describe(self) -> str:
+        """One line for the start-up output: the columns, the splits, the image size and the memory."""
+        c, h, w = self.image_shape
+        val = f", {len(self.val)} validation (held out of train)" if self.val is not None else ""
+        return (f"data: {len(self.train)} train{val}, {len(self.test)} test from split {self.test_split!r}; "
+                f"{self.num_classes} classes from column {self.label_column!r}, {c}x{h}x{w} images from {self.image_column!r}, "
+                f"{format_bytes(self.nbytes)} uint8 on the device")
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
 
 
 def is_local_dataset(dataset: str) -> bool:
@@ -83,45 +108,43 @@ def _load_dataset_dict(dataset: str):
         ) from error
 
 
-def _columns(split, dataset: str) -> Tuple[str, List[str]]:
-    from datasets import ClassLabel
+def available_memory(device: Optional[torch.device]) -> Tuple[int, str]:
+    """(bytes the decoded set may take, where): a share of a GPU's free memory, else the free host memory."""
+    if device is not None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * DEVICE_SHARE), f"{device} ({DEVICE_SHARE:.0%} of its {format_bytes(free)} free)"
+    import psutil  # an accelerate dependency
 
-    image_column = next((c for c in IMAGE_COLUMNS if c in split.features), None)
-    if image_column is None:
-        raise UsageError(f"dataset {dataset} has no image column (looked for {' or '.join(IMAGE_COLUMNS)}; it has {', '.join(split.features)})")
-    label = split.features.get("label")
-    if not isinstance(label, ClassLabel):
-        raise UsageError(f"dataset {dataset} has no 'label' column of class labels (it has {', '.join(split.features)})")
-    return image_column, list(label.names)
+    return psutil.virtual_memory().available, "the host's available memory"
 
 
-def _decode(split, image_column: str) -> Split:
-    from datasets import Image as ImageFeature
+def check_fits(counts: Dict[str, int], shape: Sequence[int], device: Optional[torch.device], copies: int = 1) -> None:
+    """Refuse, before decoding, a set that would not fit where it is held: a GPU holds each
+    process's own copy; on the CPU the host memory holds `copies` (one per process)."""
+    held = 1 if device is not None and device.type == "cuda" else copies
+    per_image = int(torch.Size(shape).numel()) * held
+    images = sum(counts.values())
+    needed = images * per_image
+    budget, where = available_memory(device)
+    if needed <= budget:
+        return
+    side = int((budget / (shape[0] * held * images)) ** 0.5)
+    train = budget // per_image - counts.get("eval", 0)  # what fits beside the evaluation images
+    fixes = [f"--image-size {side} or less"] + ([f"--max-train-samples {train} or less"] if train > 0 else [])
+    counted = ", ".join(f"{n} {name}" for name, n in counts.items())
+    raise UsageError(f"the decoded images would take {format_bytes(needed)} ({counted} images of {'x'.join(map(str, shape))} uint8"
+                     f"{f', {held} copies' if held > 1 else ''}) but {where} is {format_bytes(budget)}; pass {' or '.join(fixes)} "
+                     "(streaming a larger set: docs/datasets.md)")
 
-    raw = split.cast_column(image_column, ImageFeature(decode=False))
-    images = []
-    for item in raw[image_column]:
-        data = item["bytes"] if item["bytes"] is not None else Path(item["path"]).read_bytes()
-        images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
-    array = np.stack(images).transpose(0, 3, 1, 2).copy()
-    return Split(torch.from_numpy(array), torch.tensor(split["label"], dtype=torch.int64))
 
-
-def _decoded(split, image_column: str, key: str) -> Split:
-    """Decode a split once; later runs read the uint8 tensor back from the cache (safetensors)."""
-    from safetensors.torch import load_file, save_file
-
-    path = cache_dir() / f"{key}.safetensors"
-    if path.exists():
-        tensors = load_file(path)
-        return Split(tensors["images"], tensors["labels"])
-    print(f"decoding {len(split)} images once; cached as {path}", flush=True)
-    decoded = _decode(split, image_column)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"images": decoded.images.contiguous(), "labels": decoded.labels}, tmp)
-    os.replace(tmp, path)  # atomic: a second process never reads half a file
-    return decoded
+def _plan_shape(split, image_column: str, rows, split_name: str, image_size: Optional[int]) -> Tuple[int, int, int]:
+    if image_size:
+        return 3, image_size, image_size
+    cached = image_files.cached_shape(split, image_column, image_size, rows)
+    if cached:
+        return cached
+    width, height = image_files.first_size(split, image_column, rows[0], split_name) if len(rows) else (0, 0)
+    return 3, height, width
 
 
 def stratified_split(labels: torch.Tensor, val_size: int, seed: int = VAL_SPLIT_SEED) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -147,28 +170,52 @@ def load_cifar(
     val_size: int = 5000,
     max_train_samples: Optional[int] = None,
     max_eval_samples: Optional[int] = None,
+    layout: Layout = Layout(),
+    device: Optional[torch.device] = None,
+    copies: int = 1,
 ) -> CifarData:
+    """The dataset's train split (less `val_size` images held out, stratified) and its evaluation
+    split, decoded: only the rows used, after a check that they fit on `device` (`copies`:
+    processes that each hold the set in the host memory)."""
     dataset_dict = _load_dataset_dict(dataset)
-    for needed in ("train", "test"):
-        if needed not in dataset_dict:
-            raise UsageError(f"dataset {dataset} has no {needed!r} split (it has {', '.join(dataset_dict)})")
-    image_column, class_names = _columns(dataset_dict["train"], dataset)
-    splits = {}
-    for name in ("train", "test"):
-        split = dataset_dict[name]
-        key = hashlib.sha256(f"{split._fingerprint}:{image_column}".encode()).hexdigest()[:20]
-        splits[name] = _decoded(split, image_column, key)
-    full_train, test = splits["train"], splits["test"]
-    if not 0 <= val_size < len(full_train):
-        raise UsageError(f"--val-size {val_size} must be in [0, {len(full_train)}) for this dataset's {len(full_train)} training images")
-    val = None
-    train = full_train
+    test_name = eval_split_name(dataset_dict, dataset, layout.test_split)
+    train_split, test_split = dataset_dict["train"], dataset_dict[test_name]
+    image_column, label_column = find_columns(train_split.features, dataset, layout.image_column, layout.label_column)
+    for column in (image_column, label_column):
+        if column not in test_split.features:
+            raise UsageError(f"the {test_name} split of {dataset} has no column {column!r} (its columns: {column_list(test_split.features)})")
+    class_names, labels = class_labels(dataset_dict, ("train", test_name), label_column, dataset)
+    full_train_labels = labels["train"]
+    if not 0 <= val_size < len(full_train_labels):
+        raise UsageError(f"--val-size {val_size} must be in [0, {len(full_train_labels)}) for this dataset's {len(full_train_labels)} training images")
+    train_rows, val_rows = torch.arange(len(full_train_labels)), torch.arange(0)
     if val_size:
-        train_index, val_index = stratified_split(full_train.labels, val_size)
-        train, val = full_train.subset(train_index), full_train.subset(val_index).head(max_eval_samples)
-    train = train.head(max_train_samples)
+        train_rows, val_rows = stratified_split(full_train_labels, val_size)
+    train_rows, val_rows = train_rows[:max_train_samples], val_rows[:max_eval_samples]
+    test_rows = torch.arange(len(labels[test_name]))[:max_eval_samples]
+    needed = torch.cat([train_rows, val_rows]).sort().values  # the rows of train decoded: the run's share and its validation
+    shape = _plan_shape(train_split, image_column, needed.tolist(), "train", layout.image_size)
+    check_fits({"train": len(train_rows), "eval": len(val_rows) + len(test_rows)}, shape, device, copies)
+    train_images, train_notes = image_files.decoded(train_split, image_column, needed.tolist(), "train", layout.image_size)
+    test_images, test_notes = image_files.decoded(test_split, image_column, test_rows.tolist(), test_name, layout.image_size)
+    if train_images.shape[1:] != test_images.shape[1:] and len(test_images):
+        (_, h, w), (_, th, tw) = train_images.shape[1:], test_images.shape[1:]
+        raise UsageError(f"the train images are {w}x{h} but the {test_name} images are {tw}x{th}; "
+                         "pass --image-size N to resize them all to N x N when decoding")
+    # row of train -> its place in train_images; no copy where train is all that was decoded
+    take = lambda rows: train_images if len(rows) == len(needed) else train_images[torch.searchsorted(needed, rows)]  # noqa: E731
+    train = Split(take(train_rows), full_train_labels[train_rows])
+    val = Split(take(val_rows), full_train_labels[val_rows]) if val_size else None
+    test = Split(test_images, labels[test_name][test_rows])
     mean, std = channel_stats(train.images)
-    return CifarData(train=train, val=val, test=test.head(max_eval_samples), class_names=class_names, mean=mean, std=std)
+    return CifarData(train=train, val=val, test=test, class_names=class_names, mean=mean, std=std, test_split=test_name,
+                     image_column=image_column, label_column=label_column, notes=train_notes + test_notes)
+
+
+def default_crop_padding(image_shape: Sequence[int]) -> int:
+    """Zero padding of the random crop: CIFAR's 4 pixels at 32 and below, an eighth of the
+    shorter side above (8 at 64, 28 at 224)."""
+    return max(4, round(min(image_shape[-2:]) / 8))
 
 
 def random_crop_flip(n: int, generator: torch.Generator, pad: int = 4) -> Tuple[torch.Tensor, ...]:
@@ -224,8 +271,11 @@ class DeviceLoader:
         process_index: int = 0,
         num_processes: int = 1,
         channels_last: bool = False,
+        crop_padding: Optional[int] = None,
     ):
         self.images = split.images.to(device)
+        # random-crop padding in pixels (training only); None: default_crop_padding of the image size
+        self.crop_padding = default_crop_padding(split.images.shape) if crop_padding is None else crop_padding
         self.labels = split.labels.to(device)
         self.global_batch_size = global_batch_size
         self.device = device
@@ -264,12 +314,12 @@ class DeviceLoader:
             # same whatever the number of processes, the accumulation steps or the batch size
             generator = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(n, generator=generator, device=self.device)
-            dy, dx, flip = random_crop_flip(n, generator)
+            dy, dx, flip = random_crop_flip(n, generator, self.crop_padding)
         for step in range(len(self)):
             positions = torch.arange(step * self.global_batch_size, min(n, (step + 1) * self.global_batch_size), device=self.device)
             if self.train:
                 mine = self._my_slice(positions)
-                images = augment(self.images[order[mine]], dy[mine], dx[mine], flip[mine])
+                images = augment(self.images[order[mine]], dy[mine], dx[mine], flip[mine], self.crop_padding)
                 yield self.normalize(images), self.labels[order[mine]], order[mine]
                 continue
             index = order[positions]

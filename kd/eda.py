@@ -2,6 +2,7 @@
 split, the channel statistics the models will be normalised with, and a grid of samples.
 
     python -m kd.eda --dataset PATH_OR_HUB_ID [--output-dir DIR] [--per-class 8]
+                     [--image-column C] [--label-column C] [--test-split NAME] [--image-size N]
 """
 
 import argparse
@@ -11,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from kd.config import Parser
-from kd.data import HUB_DATASET, CifarData, default_dataset, Split, load_cifar
+from kd.data import HUB_DATASET, CifarData, Layout, default_dataset, Split, load_cifar
 from kd.errors import UsageError, main_guard
 from kd.export import write_json_atomic
 from kd.plots import save_png_atomic
@@ -28,6 +29,10 @@ def summarize(data: CifarData, dataset: str) -> Dict:
     splits = {name: getattr(data, name) for name in SPLITS}
     return {
         "dataset": dataset,
+        "image_column": data.image_column,
+        "label_column": data.label_column,
+        "test_split": data.test_split,  # the dataset's split shown as "test"
+        "notes": data.notes,
         "image_shape": list(data.train.images.shape[1:]),
         "class_names": data.class_names,
         "split_sizes": {name: len(split) for name, split in splits.items()},
@@ -42,6 +47,8 @@ def report(summary: Dict) -> str:
     width = max(len("class"), *map(len, names))
     shape = "x".join(map(str, summary["image_shape"]))
     lines = [f"dataset {summary['dataset']}: {len(names)} classes, {shape} images",
+             f"images from column {summary['image_column']!r}, labels from {summary['label_column']!r}; test is split {summary['test_split']!r}",
+             *(f"note: {note}" for note in summary["notes"]),
              "split sizes: " + ", ".join(f"{name} {size}" for name, size in summary["split_sizes"].items()),
              f"{'class':<{width}} " + " ".join(f"{name:>8}" for name in SPLITS)]
     lines += [f"{label:<{width}} " + " ".join(f"{summary['class_counts'][split][label]:>8}" for split in SPLITS) for label in names]
@@ -80,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default=default_dataset(), help=f"Hub id or local folder (default: $KD_DATASET or {HUB_DATASET})")
     parser.add_argument("--output-dir", default="outputs/eda", help="where samples.png and eda.json go (default: outputs/eda)")
     parser.add_argument("--per-class", type=int, default=8, help="sample images shown per class (default: 8)")
+    parser.add_argument("--image-column", help="the image column (default: the only Image column)")
+    parser.add_argument("--label-column", help="the label column (default: the only ClassLabel column)")
+    parser.add_argument("--test-split", help="the split shown as test (default: the first of test, validation, valid)")
+    parser.add_argument("--image-size", type=int, help="resize every image to N x N when decoding (images of several sizes need it)")
     return parser
 
 
@@ -89,7 +100,10 @@ def explore(argv: Optional[Sequence[str]] = None) -> Dict:
     args = build_parser().parse_args(argv)
     if args.per_class < 1:
         raise UsageError(f"--per-class must be at least 1, got {args.per_class}")
-    data = load_cifar(args.dataset, val_size=0)  # the whole train split: the look is at the data, not a run's share of it
+    if args.image_size is not None and args.image_size < 1:
+        raise UsageError(f"--image-size must be positive, got {args.image_size}")
+    layout = Layout(args.image_column, args.label_column, args.test_split, args.image_size)
+    data = load_cifar(args.dataset, val_size=0, layout=layout)  # the whole train split: the look is at the data, not a run's share of it
     summary = summarize(data, args.dataset)
     print(report(summary))
     out = Path(args.output_dir)

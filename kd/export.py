@@ -55,9 +55,9 @@ def existing_dir(final: Path) -> Optional[Path]:
     return final if final.exists() else (old if old.exists() else None)
 
 
-def export_model(model: torch.nn.Module, run_dir: Path, class_names: Sequence[str], mean, std) -> None:
-    """timm's save_for_hf format (config.json + model.safetensors) with label names and the
-    normalisation the weights were trained with, so that
+def export_model(model: torch.nn.Module, run_dir: Path, class_names: Sequence[str], mean, std, input_size: Sequence[int]) -> None:
+    """timm's save_for_hf format (config.json + model.safetensors) with label names, the
+    normalisation and the input size (C, H, W) the weights were trained with, so that
     timm.create_model("local-dir:RUN_DIR", pretrained=True) rebuilds it after `import kd`."""
     from timm.models import save_for_hf
 
@@ -69,7 +69,7 @@ def export_model(model: torch.nn.Module, run_dir: Path, class_names: Sequence[st
             staging,
             model_config={"label_names": list(class_names)},
             safe_serialization=True,
-            data_config={"mean": tuple(mean), "std": tuple(std)},
+            data_config={"mean": tuple(mean), "std": tuple(std), "input_size": tuple(input_size)},
         )
         # weights first, config last: a config.json always has complete weights beside it
         for name in (WEIGHTS, CONFIG):

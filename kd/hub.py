@@ -54,7 +54,8 @@ def card_metadata(run_config: Dict, metrics: Dict, model_name: str):
 
     dataset = run_config["run"]["dataset"]
     hub_id, name = hub_dataset_id(dataset), Path(dataset).name.lower()
-    common = dict(task_type="image-classification", dataset_type=hub_id or name, dataset_name=name, dataset_split="test")
+    split = (run_config.get("data_layout") or {}).get("test_split", "test")  # the split the test metrics are of
+    common = dict(task_type="image-classification", dataset_type=hub_id or name, dataset_name=name, dataset_split=split)
     test = metrics["test"]
     results = [EvalResult(metric_type="accuracy", metric_value=round(test["accuracy"], 4), metric_name="Test accuracy", **common),
                EvalResult(metric_type="f1", metric_value=round(test["f1_macro"], 4), metric_name="Test F1 (macro)",
@@ -116,10 +117,18 @@ def usage(repo_id: Optional[str], run_dir: Path) -> str:
         "import timm",
         "",
         f'model = timm.create_model("{source}", pretrained=True).eval()',
-        "config = timm.data.resolve_model_data_config(model)  # the mean/std the weights expect (inputs in [0, 1], then normalised)",
+        "config = timm.data.resolve_model_data_config(model)  # the input size and mean/std the weights expect (inputs in [0, 1], then normalised)",
         'labels = model.pretrained_cfg["label_names"]',
         "```",
     ])
+
+
+def input_line(input_size) -> str:
+    """What the weights take: the size they were trained on, as the exported config records it."""
+    channels, height, width = input_size
+    return (f"Trained on {width}x{height} images with {channels} channels (RGB; kd repeats a grayscale image into three): "
+            f"`pretrained_cfg.input_size` is `{list(input_size)}`, and the transform built from "
+            "`timm.data.resolve_model_data_config` resizes to that size.")
 
 
 def card_text(run_dir: Path, repo_id: Optional[str], metrics: Optional[Dict] = None) -> str:
@@ -146,6 +155,7 @@ def card_text(run_dir: Path, repo_id: Optional[str], metrics: Optional[Dict] = N
         "## Training",
         f"{data['num_train']} training, {data['num_val']} validation and {data['num_test']} test images; "
         f"{run_config.get('num_processes', 1)} process(es), mixed precision `{run_config.get('mixed_precision')}`.",
+        input_line(model.pretrained_cfg["input_size"]),
         yaml_block(training),
         "## Provenance",
         yaml_block({key: run_config.get(key) for key in ("git_commit", "versions", "command")}),

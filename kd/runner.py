@@ -19,7 +19,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from kd import checkpoint, device, engine, tracking
 from kd.config import DistillConfig, RunArgs, TrainConfig
-from kd.data import CifarData, DeviceLoader, load_cifar
+from kd.data import CifarData, DeviceLoader, Layout, default_crop_padding, load_cifar
 from kd.distillers import Distiller
 from kd.errors import UsageError
 from kd.export import existing_dir, export_model, write_json_atomic, write_text_atomic
@@ -103,7 +103,7 @@ def create_student(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
 def loaders(data: CifarData, cfg: TrainConfig, run: RunArgs, accelerator: Accelerator):
     common = dict(device=accelerator.device, mean=data.mean, std=data.std, process_index=accelerator.process_index,
                   num_processes=accelerator.num_processes, channels_last=run.channels_last)
-    train = DeviceLoader(data.train, cfg.batch_size // cfg.grad_accum, train=True, seed=cfg.seed, **common)
+    train = DeviceLoader(data.train, cfg.batch_size // cfg.grad_accum, train=True, seed=cfg.seed, crop_padding=crop_padding(cfg, data), **common)
     if len(train) < cfg.grad_accum:
         raise UsageError(f"{len(data.train)} training images make no full batch of {cfg.batch_size}; lower --batch-size")
     evaluation = lambda split: DeviceLoader(split, cfg.batch_size, train=False, **common) if split is not None else None  # noqa: E731
@@ -114,7 +114,10 @@ def load_data(accelerator: Accelerator, cfg: TrainConfig, run: RunArgs) -> Cifar
     """The main process decodes and caches the dataset first; the others then read the cache.
     A dataset the main process cannot load stops every process with its one error line (the
     others would otherwise crash with a traceback in the barrier they wait at)."""
-    load = lambda: load_cifar(run.dataset, cfg.val_size, cfg.max_train_samples, cfg.max_eval_samples)  # noqa: E731
+    layout = Layout(run.image_column, run.label_column, run.test_split, cfg.image_size)
+    copies = accelerator.num_processes if accelerator.device.type != "cuda" else 1  # CPU processes each hold the set in the host memory
+    load = lambda: load_cifar(run.dataset, cfg.val_size, cfg.max_train_samples, cfg.max_eval_samples, layout,  # noqa: E731
+                              accelerator.device, copies)
     data, error = None, None
     if accelerator.is_main_process:
         try:
@@ -126,7 +129,14 @@ def load_data(accelerator: Accelerator, cfg: TrainConfig, run: RunArgs) -> Cifar
         raise error
     if int(failed.item()):
         raise UsageError("the main process could not load the dataset")  # printed by the main process only
+    if data is not None:  # the main process: what decoding changed (an alpha channel dropped), said once
+        for note in data.notes:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
     return data if data is not None else load()
+
+
+def crop_padding(cfg: TrainConfig, data: CifarData) -> int:
+    return default_crop_padding(data.image_shape) if cfg.crop_padding is None else cfg.crop_padding
 
 
 def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Optional[DistillConfig] = None, extra: Optional[Dict] = None,
@@ -183,6 +193,9 @@ def resolved_config(cfg: TrainConfig, distill, run: RunArgs, extra: Dict, data: 
         "run": dataclasses.asdict(run),
         **extra,
         "data": {**sizes, "class_names": data.class_names, "mean": data.mean, "std": data.std},
+        # apart from "data", which a resumed run must match key for key: runs written before these keys resume
+        "data_layout": {"image_column": data.image_column, "label_column": data.label_column, "test_split": data.test_split,
+                        "image_shape": list(data.image_shape), "crop_padding": crop_padding(cfg, data), "decoded_bytes": data.nbytes},
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "precision_reason": precision.reason,
@@ -270,6 +283,7 @@ def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: Train
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     student = lambda: accelerator.unwrap_model(method).student  # noqa: E731
     accelerator.print(startup_line(accelerator, precision, cfg, steps_per_epoch))
+    accelerator.print(f"{data.describe()}, crop padding {crop_padding(cfg, data)} px")
     epoch_seconds = []  # wall time of each epoch of this process, evaluation and checkpoint included
     while state.epoch < cfg.epochs:
         epoch_start = time.perf_counter()
@@ -312,7 +326,7 @@ def finish(accelerator: Accelerator, student, data: CifarData, state, run: RunAr
     metrics["epochs"] = state.epoch
     if accelerator.is_main_process:
         student.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
-        export_model(student, out, data.class_names, data.mean, data.std)
+        export_model(student, out, data.class_names, data.mean, data.std, data.image_shape)
         plot_history(state.history, out / "curves.png")
         if run.test_eval:
             plot_confusion_matrix(metrics["test"]["confusion_matrix"], data.class_names, out / "confusion_matrix.png")

@@ -176,3 +176,45 @@ def tiny_teacher(tiny_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher") / "run"
     run_script("train_teacher.py", "--dataset", tiny_dataset, "--model", "cifar_resnet8", "--output-dir", out, *TINY_FLAGS)
     return out
+
+
+def write_lookalike(folder: Path, splits: dict, size=(32, 32), mode: str = "RGB", image_column: str = "image", labels: dict = None,
+                    num_classes: int = 10, seed: int = 0, broken: dict = None) -> Path:
+    """A small dataset in another set's own layout: `splits` {name: rows}; `labels` {column: "classlabel" |
+    "int" (class c is 5c) | "string" ("kind-00c") | "float" | (num_classes for a ClassLabel of its own)}; images of `size` (W, H), or a list of
+    sizes drawn in turn, in PIL `mode` (RGB, L, RGBA), tinted by the first label column's class; `broken`
+    {split: row} replaces that row's bytes by ones no image reader accepts."""
+    import datasets
+    from PIL import Image
+
+    labels = labels or {"label": "classlabel"}
+    rng = np.random.default_rng(seed)
+    sizes = size if isinstance(size, list) else [size]
+    features = {image_column: datasets.Image()}
+    for column, kind in labels.items():
+        classes = kind if isinstance(kind, int) else num_classes
+        features[column] = {"int": datasets.Value("int64"), "string": datasets.Value("string"), "float": datasets.Value("float32")}.get(
+            kind, datasets.ClassLabel(names=[f"class_{i:03d}" for i in range(classes)]))
+    for split, n in splits.items():
+        columns = {column: [] for column in features}
+        for row in range(n):
+            label = row % num_classes
+            width, height = sizes[row % len(sizes)]
+            tint = np.array([(label * 37) % 256, (label * 91) % 256, (label * 53) % 256])
+            pixels = (tint + rng.normal(0, 30, (height, width, 3))).clip(0, 255).astype(np.uint8)
+            image = Image.fromarray(pixels).convert(mode)
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            data = b"not an image at all" if (broken or {}).get(split) == row else buffer.getvalue()
+            columns[image_column].append({"bytes": data, "path": None})
+            for column, kind in labels.items():
+                value = label % kind if isinstance(kind, int) else label
+                columns[column].append({"int": value * 5, "string": f"kind-{value:03d}", "float": value / 2}.get(kind, value))
+        table = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+        out = folder / "data" / f"{split}-00000-of-00001.parquet"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_parquet(str(out))
+    # the split names as the Hub's dataset card declares them (from file names alone `datasets` reads valid as validation)
+    files = "".join(f"  - split: {split}\n    path: data/{split}-*\n" for split in splits)
+    (folder / "README.md").write_text(f"---\nconfigs:\n- config_name: default\n  data_files:\n{files}---\n")
+    return folder
