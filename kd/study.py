@@ -177,7 +177,9 @@ def next_trial(study, out: Path, worker: Worker, sampler_seed: int, budget: int,
         return None
     if grid is not None:
         enqueue_grid(study, grid)  # the points no trial holds, a cut-off one among them
-    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.trials), n_startup_trials=PRUNE_STARTUP_TRIALS)
+    # constant_liar: other workers' running trials count as drawn, so that the next draw goes elsewhere
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.trials), n_startup_trials=PRUNE_STARTUP_TRIALS,
+                                               constant_liar=True)
     trial = study.ask()
     trial.set_user_attr("worker", worker.name)
     return trial
