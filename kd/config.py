@@ -6,6 +6,7 @@ written into the run folder and never changed during a run."""
 
 import argparse
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,9 +165,19 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     if not Path(path).is_file():
         raise UsageError(f"config file {path} does not exist")
     try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as error:
-        raise UsageError(f"config file {path} is not valid YAML: {error}") from error
+        raw = Path(path).read_bytes()
+        text = raw.decode("utf-8")
+    except OSError as error:
+        raise UsageError(f"config file {path} cannot be read ({error.strerror})") from None
+    except UnicodeDecodeError as error:  # a binary file passed by mistake: say where, not how the decoder failed
+        raise UsageError(f"config file {path} is not a UTF-8 text file (byte {error.start} is {raw[error.start:error.start + 1]!r}); "
+                         "pass a YAML file of option: value pairs") from None
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:  # PyYAML's message spans several lines: its problem and position in one
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UsageError(f"config file {path} is not valid YAML{where}: {getattr(error, 'problem', None) or str(error).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise UsageError(f"config file {path} must hold option: value pairs")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
@@ -202,8 +213,18 @@ def parse(parser: argparse.ArgumentParser, argv=None):
     run = take(RunArgs)
     if run.dataset is None:
         run = dataclasses.replace(run, dataset=default_dataset())
+    check_finite(train, distill)
     validate(train, distill)
     return train, distill, run
+
+
+def check_finite(train: TrainConfig, distill: Optional[DistillConfig]) -> None:
+    """No setting is inf or nan: `--lr inf` passes every `> 0` check and trains to a non-finite loss."""
+    for values in (train, distill):
+        for f in dataclasses.fields(values) if values is not None else ():
+            value = getattr(values, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
 
 
 def validate(train: TrainConfig, distill: Optional[DistillConfig]) -> None:
