@@ -51,7 +51,18 @@ def pick_baseline(rows: Sequence[Row], label: Optional[str] = None) -> Row:
 def history(folder: Path) -> List[Dict]:
     """A run folder's (or a search trial's) history.jsonl: one record per epoch."""
     path = Path(folder) / "history.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            raise UsageError(f"{path}: line {number} is not a JSON object of an epoch's record; is {path.parent} a kd run?")
+        records.append(record)
+    return records
 
 
 def seconds_per_image(run: Run) -> Optional[float]:

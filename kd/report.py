@@ -50,6 +50,47 @@ def _read_json(path: Path) -> Dict:
         raise UsageError(f"{path} is missing or not valid JSON ({problem}); is {path.parent} a finished kd run?") from error
 
 
+def _kind(value) -> str:
+    return "null" if value is None else {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), "a number")
+
+
+def _read_object(path: Path) -> Dict:
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} holds {_kind(data)}, not a JSON object; is {path.parent} a finished kd run?")
+    return data
+
+
+def _read_run_config(path: Path) -> Dict:
+    """run_config.json, checked for what the report reads: the train settings with the model's
+    name, and objects (or null) where the other sections are."""
+    config = _read_object(path)
+    train = config.get("train")
+    if not isinstance(train, dict) or not isinstance(train.get("model"), str):
+        found = "no train section" if "train" not in config else f"train is {_kind(train)}" if not isinstance(train, dict) else "train names no model"
+        raise UsageError(f"{path} is not a kd run config ({found}); is {path.parent} a finished kd run?")
+    for section in ("run", "distill"):
+        if config.get(section) is not None and not isinstance(config[section], dict):
+            raise UsageError(f"{path}: its {section} section is {_kind(config[section])}, not an object; is {path.parent} a finished kd run?")
+    return config
+
+
+def _read_metrics(path: Path) -> Dict:
+    """metrics.json, checked for what the report reads: each split present is an object with
+    the compared metrics as numbers."""
+    metrics = _read_object(path)
+    for split in ("test", "val"):
+        values = metrics.get(split)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise UsageError(f"{path}: its {split} entry is {_kind(values)}, not an object of metrics; is {path.parent} a finished kd run?")
+        wrong = [key for key, _ in METRICS if isinstance(values.get(key), bool) or not isinstance(values.get(key), (int, float))]
+        if wrong:
+            raise UsageError(f"{path}: its {split} metrics lack {', '.join(wrong)} as numbers; is {path.parent} a finished kd run?")
+    return metrics
+
+
 def expand(path: Path) -> List[Path]:
     """The run folders `path` names: itself if it holds metrics.json, else the finished runs below it."""
     if not path.is_dir():
@@ -76,7 +117,7 @@ def load_runs(paths: Sequence) -> List[Run]:
         if folder.resolve() in seen:
             continue
         seen.add(folder.resolve())
-        runs.append(Run(folder, _read_json(folder / "run_config.json"), _read_json(folder / "metrics.json")))
+        runs.append(Run(folder, _read_run_config(folder / "run_config.json"), _read_metrics(folder / "metrics.json")))
     if not runs:
         raise UsageError("no run folders given")
     return runs
