@@ -95,10 +95,10 @@ def train_one_epoch(accelerator: Accelerator, model, optimizer, loader: DeviceLo
     first_bad_step = accelerator.gather(first_bad_step[None]).max()  # every process stops together
     if int(first_bad_step) >= 0 or not all(map(math.isfinite, means.values())):
         terms_text = ", ".join(f"{k}={v:.4g}" for k, v in means.items())
-        raise RunError(
-            f"non-finite loss at step {int(first_bad_step)} of epoch {state.epoch + 1} ({terms_text}); "
-            f"stopped, the last good checkpoint (epoch {state.epoch}) is kept; try a lower --lr"
-        )
+        # a checkpoint is saved after every epoch: epoch 0 has none
+        kept = f"the last good checkpoint (epoch {state.epoch}) is kept" if state.epoch else "no checkpoint was saved yet"
+        raise RunError(f"non-finite loss at step {int(first_bad_step)} of epoch {state.epoch + 1} ({terms_text}); "
+                       f"stopped, {kept}; try a lower --lr")
     elapsed = time.perf_counter() - start
     return {**means, "loss": sum(means.values()), "lr": lr, "images_per_s": images_seen / elapsed, "train_time_s": elapsed}
 

@@ -77,3 +77,15 @@ class ClassificationReport(evaluate.Metric):
 def classification_report(predictions, references, class_names: List[str]) -> Dict:
     metric = ClassificationReport(keep_in_memory=True)
     return metric.compute(predictions=predictions, references=references, num_classes=len(class_names), class_names=class_names)
+
+
+def absent_classes_warning(report: Dict, split: str) -> Optional[str]:
+    """One line naming the classes `split` has no image of (None: it has them all). Their F1 is
+    0 by scikit-learn's zero_division=0, and the macro means average over every class, so such
+    a split pulls f1_macro down by 1/num_classes per class whatever the model does."""
+    per_class = report.get("per_class", {})
+    absent = [name for name, row in per_class.items() if row["support"] == 0]
+    if not absent:
+        return None
+    return (f"the {split} split has no image of class{'es' if len(absent) > 1 else ''} {', '.join(absent)}: "
+            f"{'their' if len(absent) > 1 else 'its'} F1 counts as 0 in the {split} f1_macro, a mean over all {len(per_class)} classes")
