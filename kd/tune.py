@@ -152,7 +152,8 @@ class Search:
         with TakeTurns(self.out):
             others = running(self.study)
             if others:
-                print(f"{len(others)} trials still run in other workers; the last to finish writes {self.out / 'tune.json'}", flush=True)
+                trials = f"{len(others)} trial{'s' if len(others) > 1 else ''}"
+                print(f"{trials} still running in other workers; the last to finish writes {self.out / 'tune.json'}", flush=True)
                 return None
             return summarize(self.study, self.args.method, self.out)
 
