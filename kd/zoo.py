@@ -23,8 +23,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from kd.models import CifarResNet, TapNet
 
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)  # the reference's normalisation
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)  # the reference's normalisation (dataset/cifar100.py)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 
 
 def conv_bn_relu(in_chs: int, out_chs: int, kernel: int, stride: int = 1, bias: bool = False) -> List[nn.Module]:

@@ -1,5 +1,9 @@
+import io
+import json
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -8,6 +12,8 @@ import kd  # noqa: F401  registers the models
 from kd.config import DistillConfig
 from kd.distillers import DISTILLERS, FrozenTeacher, build_distiller
 from kd.models import CifarResNet, TapError, list_taps
+
+from conftest import REPO, run_script
 
 ALL_MODELS = timm.list_models("cifar_*")
 ZOO_MODELS = timm.list_models("cifar_rd_*")
@@ -170,7 +176,7 @@ def test_timm_conventions(name):
 
     cfg = timm.data.resolve_data_config({}, model=model)
     assert cfg["input_size"] == (3, 32, 32) and len(cfg["mean"]) == len(cfg["std"]) == 3
-    cifar_mean = (0.5071, 0.4865, 0.4409) if name in ZOO_MODELS else (0.4914, 0.4822, 0.4465)  # CIFAR-100's, CIFAR-10's
+    cifar_mean = (0.5071, 0.4867, 0.4408) if name in ZOO_MODELS else (0.4914, 0.4822, 0.4465)  # CIFAR-100's, CIFAR-10's
     assert tuple(model.pretrained_cfg["mean"]) == cifar_mean and all(0 < s < 1 for s in cfg["std"])
     state = model.state_dict()
     assert model.pretrained_cfg["first_conv"] + ".weight" in state
@@ -213,3 +219,84 @@ def test_cross_architecture_pairs(mode):
                                  train_labels=torch.arange(8) % 4).train()
         logits, terms = method(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), torch.arange(2))
         assert logits.shape == (2, 100) and all(torch.isfinite(t) for t in terms.values())
+
+
+def write_cifar100_lookalike(folder: Path, label_columns=("fine_label", "coarse_label"), classes: int = 100, n_train: int = 64,
+                             n_test: int = 32) -> Path:
+    """CIFAR-100's Hub layout in small: 32x32 PNGs in `img`, 100 fine classes (a colour each,
+    plus noise) and 20 coarse ones (fine // 5), in plain_text/{split}-00000-of-00001.parquet."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    counts = {"coarse_label": classes // 5}
+    labels = {c: datasets.ClassLabel(names=[f"{c}_{i}" for i in range(counts.get(c, classes))]) for c in label_columns}
+    features = datasets.Features({"img": datasets.Image(), **labels})
+    for split, n in (("train", n_train), ("test", n_test)):
+        fine = rng.permutation(np.arange(n) % classes)
+        images = []
+        for label in fine:
+            pixels = np.array([label * 250 / classes, 255 - label * 250 / classes, (label * 37) % 256]) + rng.normal(0, 20, (32, 32, 3))
+            buffer = io.BytesIO()
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, format="PNG")
+            images.append({"bytes": buffer.getvalue(), "path": None})
+        columns = {"img": images, **{c: (fine // 5 if c == "coarse_label" else fine).tolist() for c in label_columns}}
+        out = folder / "plain_text" / f"{split}-00000-of-00001.parquet"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_dict(columns, features=features).to_parquet(str(out))
+    return folder
+
+
+QUICK = ["--epochs", "2", "--lr-milestones", "1", "--batch-size", "16", "--report-to", "none", "--max-eval-samples", "16"]
+
+
+def test_distill_end_to_end_with_a_zoo_pair(tmp_path):
+    """train_teacher.py then distill.py on a cheap zoo pair (the papers' resnet20 -> MobileNetV2;
+    CRD: the last taps of two architectures, embedded) with the papers' step schedule."""
+    data = write_cifar100_lookalike(tmp_path / "data", label_columns=("label",), classes=10)
+    teacher = tmp_path / "teacher"
+    run_script("train_teacher.py", "--dataset", data, "--model", "cifar_rd_resnet20", "--val-size", "0", "--output-dir", teacher, *QUICK)
+    student = tmp_path / "student"
+    result = run_script("distill.py", "--dataset", data, "--teacher", teacher, "--mode", "crd", "--model", "cifar_rd_mobilenetv2",
+                        "--val-size", "0", "--lr", "0.05", "--output-dir", student, *QUICK)
+    history = [json.loads(line) for line in (student / "history.jsonl").read_text().splitlines()]
+    assert [round(h["lr"], 6) for h in history] == [0.05, 0.005]  # x0.1 after epoch 1
+    assert all(np.isfinite(h["loss_crd"]) for h in history)
+    assert 0 <= json.loads((student / "metrics.json").read_text())["test"]["accuracy"] <= 1 and str(student) in result.stdout
+    config = json.loads((student / "config.json").read_text())
+    assert config["architecture"] == "cifar_rd_mobilenetv2" and config["num_classes"] == 10
+
+
+@pytest.mark.skip(reason="needs --label-column")
+def test_cifar100_presets_on_a_lookalike(tmp_path):
+    """The benchmark's two presets, as the docs run them, on CIFAR-100's layout (two label
+    columns: the presets pick fine_label); cheaper models and 2 epochs from the command line."""
+    data = write_cifar100_lookalike(tmp_path / "data")
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    run_script("train_teacher.py", "--config", REPO / "presets" / "cifar100-teacher.yaml", "--dataset", data,
+               "--model", "cifar_rd_resnet20", "--output-dir", teacher, *QUICK)
+    run_script("distill.py", "--config", REPO / "presets" / "cifar100-student.yaml", "--mode", "dkd", "--dataset", data,
+               "--teacher", teacher, "--output-dir", student, *QUICK)
+    resolved = json.loads((student / "run_config.json").read_text())
+    train, distill = resolved["train"], resolved["distill"]
+    assert (train["model"], train["lr"], train["weight_decay"], train["val_size"]) == ("cifar_rd_resnet8x4", 0.05, 5e-4, 0)
+    assert (distill["dkd_alpha"], distill["dkd_beta"], distill["temperature"]) == (1.0, 8.0, 4.0)  # the papers' DKD for the pair
+    metrics = json.loads((student / "metrics.json").read_text())
+    assert len(json.loads((teacher / "config.json").read_text())["label_names"]) == 100 and "test" in metrics
+
+
+def test_cifar100_presets_hold_the_papers_recipe():
+    """The papers' schedule, all 50,000 training images, resnet32x4 -> resnet8x4 (the papers'),
+    and only options the scripts know (label_column: once the data flags land)."""
+    import yaml
+
+    from kd.cli import distill_parser, train_parser
+
+    for parser, preset, model in ((train_parser("teacher"), "cifar100-teacher.yaml", "cifar_rd_resnet32x4"),
+                                  (distill_parser(), "cifar100-student.yaml", "cifar_rd_resnet8x4")):
+        values = yaml.safe_load((REPO / "presets" / preset).read_text())
+        recipe = {"model": model, "epochs": 240, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
+                  "warmup_epochs": 0, "lr_milestones": [150, 180, 210], "lr_decay": 0.1, "val_size": 0,
+                  "dataset": "uoft-cs/cifar100", "label_column": "fine_label"}
+        assert {key: values.get(key) for key in recipe} == recipe
+        assert set(values) - {"label_column"} <= {action.dest for action in parser._actions}
