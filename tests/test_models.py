@@ -267,7 +267,6 @@ def test_distill_end_to_end_with_a_zoo_pair(tmp_path):
     assert config["architecture"] == "cifar_rd_mobilenetv2" and config["num_classes"] == 10
 
 
-@pytest.mark.skip(reason="needs --label-column")
 def test_cifar100_presets_on_a_lookalike(tmp_path):
     """The benchmark's two presets, as the docs run them, on CIFAR-100's layout (two label
     columns: the presets pick fine_label); cheaper models and 2 epochs from the command line."""
@@ -287,7 +286,7 @@ def test_cifar100_presets_on_a_lookalike(tmp_path):
 
 def test_cifar100_presets_hold_the_papers_recipe():
     """The papers' schedule, all 50,000 training images, resnet32x4 -> resnet8x4 (the papers'),
-    and only options the scripts know (label_column: once the data flags land)."""
+    and only options the scripts know."""
     import yaml
 
     from kd.cli import distill_parser, train_parser
@@ -299,4 +298,4 @@ def test_cifar100_presets_hold_the_papers_recipe():
                   "warmup_epochs": 0, "lr_milestones": [150, 180, 210], "lr_decay": 0.1, "val_size": 0,
                   "dataset": "uoft-cs/cifar100", "label_column": "fine_label"}
         assert {key: values.get(key) for key in recipe} == recipe
-        assert set(values) - {"label_column"} <= {action.dest for action in parser._actions}
+        assert set(values) <= {action.dest for action in parser._actions}
