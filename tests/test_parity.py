@@ -34,7 +34,7 @@ from kd.distillers import DISTILLERS, FrozenTeacher, build_distiller, kd_loss
 from kd.distillers.attention import at_loss
 from kd.distillers.crd import MOMENTUM, TEMPERATURE, nce_loss, nce_scores
 from kd.distillers.dist import dist_loss
-from kd.distillers.dkd import dkd_loss
+from kd.distillers.dkd import DKD, dkd_loss
 from kd.distillers.logits import standardize
 
 
@@ -268,6 +268,18 @@ def test_dkd_beta_defaults_to_the_authors_value_for_the_pair():
     wide = build_distiller("dkd", timm.create_model("cifar_resnet8x4", num_classes=10), teacher, DistillConfig(mode="dkd"))
     assert wide.beta == 8.0
     assert _built("dkd", dkd_beta=4.0).beta == 4.0
+
+
+@pytest.mark.parametrize("teacher,student,beta", [
+    ("cifar_rd_resnet56", "cifar_rd_resnet20", 2.0), ("cifar_rd_resnet110", "cifar_rd_resnet32", 2.0),  # res56_res20, res110_res32
+    ("cifar_rd_wrn_40_2", "cifar_rd_wrn_16_2", 6.0), ("cifar_rd_wrn_40_2", "cifar_rd_wrn_40_1", 6.0),  # wrn40_2_wrn_16_2/_40_1
+    ("cifar_rd_vgg13", "cifar_rd_vgg8", 6.0), ("cifar_rd_vgg13", "cifar_rd_mobilenetv2", 6.0),  # vgg13_vgg8, vgg13_mv2
+    ("cifar_rd_resnet32x4", "cifar_rd_resnet8x4", 8.0), ("cifar_rd_resnet32x4", "cifar_rd_shufflenetv2", 8.0),  # their default
+    ("cifar_rd_wrn_40_2", "cifar_rd_vgg8", 8.0),  # a pair they never ran: their default
+])
+def test_dkd_beta_follows_mdistillers_config_for_every_zoo_pair(teacher, student, beta):
+    """megvii-research/mdistiller, configs/cifar100/dkd/*.yaml: BETA 2, 6, or the default 8."""
+    assert DKD.pair_defaults(DistillConfig(mode="dkd"), teacher, student).dkd_beta == beta
 
 
 # -- CRD ------------------------------------------------------------------------------------------

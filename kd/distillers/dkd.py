@@ -48,12 +48,19 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
 
 
 def authors_beta(teacher: str, student: str) -> float:
-    """The NCKD weight of the authors' CIFAR config for the nearest pair (megvii-research/mdistiller,
-    configs/cifar100/dkd/*.yaml): 2 for resnet56 -> resnet20 and resnet110 -> resnet32, the thin
-    16/32/64-channel ResNets, so 2 for any pair of kd's thin `cifar_resnetN`; 8 for
-    resnet32x4 -> resnet8x4 and mdistiller's default, so 8 for every other pair."""
-    thin = re.compile(r"cifar_resnet\d+")
-    return 2.0 if thin.fullmatch(teacher or "") and thin.fullmatch(student or "") else 8.0
+    """The NCKD weight of the authors' CIFAR-100 config for the pair (megvii-research/mdistiller,
+    configs/cifar100/dkd/*.yaml): 2 for resnet56 -> resnet20 and resnet110 -> resnet32 (the thin
+    16/32/64-channel ResNets: kd's `cifar_resnetN` and the zoo's `cifar_rd_resnetN`); 6 for
+    wrn_40_2 -> wrn_16_2 / wrn_40_1 and vgg13 -> vgg8 / MobileNetV2; 8, their default, for every
+    other pair (resnet32x4 -> resnet8x4, -> ShuffleNet, and pairs they never ran)."""
+    teacher, student = teacher or "", student or ""
+    thin = re.compile(r"cifar_(rd_)?resnet\d+")
+    if thin.fullmatch(teacher) and thin.fullmatch(student):
+        return 2.0
+    if (teacher == "cifar_rd_wrn_40_2" and student in ("cifar_rd_wrn_16_2", "cifar_rd_wrn_40_1")
+            or teacher == "cifar_rd_vgg13" and student in ("cifar_rd_vgg8", "cifar_rd_mobilenetv2")):
+        return 6.0
+    return 8.0
 
 
 class DKD(Distiller):
