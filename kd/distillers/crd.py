@@ -9,7 +9,7 @@ the image itself, never its class); Z, the NCE normaliser, is fixed from the fir
 batch and kept (in the checkpoint). Where it differs, on purpose: negatives are drawn with
 replacement from a hash of (epoch, image index, k), identical on every process and after a
 resume, where the reference's data loader draws them without replacement from numpy's global
-generator (the same expected loss; README.md, "The four additions", shows the measured spread); the banks take
+generator (the same expected loss; docs/methods.md, "Defaults and deliberate differences", shows the measured spread); the banks take
 every process's embeddings once per optimizer step; under DDP, Z comes from the main process's
 first micro-batch."""
 
