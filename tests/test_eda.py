@@ -63,3 +63,13 @@ def test_sample_grid_puts_each_class_on_its_row():
     assert [cell(0, 0), cell(0, 1)] == [[1], [5]]  # class 0: images 1 and 5, in order
     assert [cell(1, 0), cell(1, 1)] == [[13], [255]]  # class 1 has one image; the rest is blank
     assert [cell(2, 0), cell(2, 1)] == [[20], [22]]  # class 2: its first two of three
+
+
+def test_eda_names_a_corrupt_image_by_split_and_row(tmp_path):
+    from conftest import write_lookalike
+
+    dataset = write_lookalike(tmp_path / "broken-eda", {"train": 12, "test": 4}, broken={"test": 2})  # a name of its own: see write_lookalike
+    result = subprocess.run([sys.executable, "-m", "kd.eda", "--dataset", str(dataset), "--output-dir", str(tmp_path / "eda")],
+                            capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "error: the test split's image at row 2 cannot be decoded (UnidentifiedImageError" in result.stderr
