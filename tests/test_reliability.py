@@ -76,7 +76,7 @@ def test_teacher_for_another_image_size(tiny_dataset, tiny_teacher, tmp_path):
     (other / "config.json").write_text(json.dumps(config))
     (other / "model.safetensors").write_bytes((tiny_teacher / "model.safetensors").read_bytes())
     result = run_script("distill.py", "--teacher", other, "--dataset", tiny_dataset, "--output-dir", tmp_path / "x", *TINY_FLAGS, check=False)
-    assert "trained on (3, 64, 64) images but the dataset has (3, 32, 32)" in one_line_error(result)
+    assert "trained on 3x64x64 images but this run's are 3x32x32; pass --image-size 64" in one_line_error(result)
 
 
 def test_existing_run_is_refused_and_untouched(tiny_teacher, tiny_dataset):
