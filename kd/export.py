@@ -26,12 +26,17 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     write the same path at once), then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(handle.name, 0o644)  # NamedTemporaryFile makes 0600 files
-    os.replace(handle.name, path)
+    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", delete=False)
+    try:
+        with handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(handle.name, 0o644)  # NamedTemporaryFile makes 0600 files
+        os.replace(handle.name, path)
+    except BaseException:  # a full disk: no half-written temporary left behind
+        Path(handle.name).unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: Path, data) -> None:

@@ -17,13 +17,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-from kd import checkpoint, device, engine, tracking
+from kd import checkpoint, device, engine, rundir, tracking
 from kd.config import DistillConfig, RunArgs, TrainConfig
 from kd.data import CifarData, DeviceLoader, Layout, default_crop_padding, load_cifar
 from kd.distillers import Distiller
 from kd.errors import UsageError
 from kd.export import existing_dir, export_model, write_json_atomic, write_text_atomic
 from kd.hub import CARD, push_run, write_model_card
+from kd.metrics import absent_classes_warning
 from kd.plots import plot_confusion_matrix, plot_history
 
 CHECKPOINT = "checkpoint"
@@ -40,7 +41,8 @@ EpochCallback = Callable[[Dict], None]
 
 def check_output_dir(run: RunArgs) -> None:
     out = Path(run.output_dir)
-    has_run = out.exists() and any((out / name).exists() for name in ("run_config.json", CHECKPOINT, CHECKPOINT + ".old"))
+    # a run_config.json alone is an attempt that saved nothing (stopped before its first checkpoint): started again
+    has_run = out.exists() and any((out / name).exists() for name in ("metrics.json", CHECKPOINT, CHECKPOINT + ".old"))
     if run.resume and not (existing_dir(out / CHECKPOINT)):
         raise UsageError(f"nothing to resume in {out}: it holds no checkpoint; drop --resume to start a new run")
     if has_run and not run.resume and not run.overwrite:
@@ -54,6 +56,21 @@ def clear_old_run(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+SMALL_FILES = 2**20  # about what the JSON files, figures and card of a run take, and then some
+
+
+def writing(what: str, out: Path, needed_bytes: int = SMALL_FILES):
+    """A failed write of `what` in the run folder `out` ends in one line (kd.rundir.write_failed)."""
+    return rundir.writing(what, out, needed_bytes, kept=lambda: checkpoint.last_good(out / CHECKPOINT))
+
+
+def write_history(accelerator: Accelerator, out: Path, state) -> None:
+    """history.jsonl: the checkpoint's epochs, one JSON record a line."""
+    if accelerator.is_main_process:
+        with writing("history.jsonl", out):
+            write_text_atomic(out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
 
 
 def provenance() -> Dict:
@@ -141,11 +158,20 @@ def crop_padding(cfg: TrainConfig, data: CifarData) -> int:
 
 def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Optional[DistillConfig] = None, extra: Optional[Dict] = None,
         on_epoch: Optional[EpochCallback] = None) -> Dict:
-    """Train `cfg.model` with the method `make_method` builds; returns the final metrics."""
-    check_output_dir(run)
+    """Train `cfg.model` with the method `make_method` builds; returns the final metrics. The run
+    folder is claimed first, before anything is loaded: one live run owns it (kd.rundir)."""
+    check_output_dir(run)  # refused before anything is touched
     check_model_name(cfg.model)
     if run.push_to_hub and not run.test_eval:
         raise UsageError("--push-to-hub publishes the test metrics in the model card: drop --no-test-eval")
+    with rundir.owned(Path(run.output_dir), main=os.environ.get("RANK", "0") == "0"):  # rank 0 holds it for the run's processes
+        return owned_run(cfg, run, make_method, distill, extra, on_epoch)
+
+
+def owned_run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Optional[DistillConfig], extra: Optional[Dict],
+              on_epoch: Optional[EpochCallback]) -> Dict:
+    """`run`'s work once its folder is claimed."""
+    check_output_dir(run)  # again, holding the lock: a run that finished here since the first look is not overwritten
     out = Path(run.output_dir)
     announce = lambda m: print(m, file=sys.stderr, flush=True) if os.environ.get("RANK", "0") == "0" else None  # noqa: E731  before accelerate starts
     trackers = tracking.resolve_trackers(run.report_to, announce=announce)
@@ -164,9 +190,11 @@ def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Opt
     resolved["tracker_run_id"] = tracking.tracker_run_id(out, run.resume)
     accelerator.wait_for_everyone()  # every process has checked the folder before anything is written
     if accelerator.is_main_process:
-        if run.overwrite and not run.resume:
+        rundir.clear_stale(out, RUN_FILES, [CHECKPOINT + ".tmp"])  # a killed run's: this run owns the folder
+        if not run.resume and (run.overwrite or (out / "run_config.json").exists()):  # the latter: an attempt that saved nothing
             clear_old_run(out)
-        write_json_atomic(out / "run_config.json", resolved)
+        with writing("run_config.json", out):
+            write_json_atomic(out / "run_config.json", resolved)
     accelerator.init_trackers(run.project, config=tracking.flat_config(resolved),
                               init_kwargs=tracking.init_kwargs(out, run.run_name or out.name, run.tags, resolved["tracker_run_id"]))
     try:
@@ -279,6 +307,8 @@ def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: Train
         method.compile()
     method, optimizer = accelerator.prepare(method, optimizer)
     state = checkpoint.load(accelerator, out / CHECKPOINT) if run.resume else engine.TrainerState()
+    if run.resume:  # a run stopped between its checkpoint and its history left the history an epoch behind
+        write_history(accelerator, out, state)
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     student = lambda: accelerator.unwrap_model(method).student  # noqa: E731
@@ -301,8 +331,7 @@ def fit(accelerator: Accelerator, method: Distiller, data: CifarData, cfg: Train
             state.best_epoch, state.best_score = state.epoch, score
         state.history.append(record)
         checkpoint.save(accelerator, method, state, out / CHECKPOINT, keep_current=improved)
-        if accelerator.is_main_process:
-            write_text_atomic(out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
+        write_history(accelerator, out, state)
         accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=state.epoch)
         epoch_seconds.append(time.perf_counter() - epoch_start)
         remaining_s = sum(epoch_seconds) / len(epoch_seconds) * (cfg.epochs - state.epoch)
@@ -325,16 +354,22 @@ def finish(accelerator: Accelerator, student, data: CifarData, state, run: RunAr
     metrics["selected_by"] = "best validation f1_macro" if val_loader is not None else "last epoch (no validation split)"
     metrics["epochs"] = state.epoch
     if accelerator.is_main_process:
+        for split in ("test", "val"):
+            warning = absent_classes_warning(metrics[split], split) if split in metrics else None
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
         student.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
-        export_model(student, out, data.class_names, data.mean, data.std, data.image_shape)
-        plot_history(state.history, out / "curves.png")
-        if run.test_eval:
-            plot_confusion_matrix(metrics["test"]["confusion_matrix"], data.class_names, out / "confusion_matrix.png")
-            write_model_card(out, run.push_to_hub, metrics)
-        else:  # a finished run re-finished with --no-test-eval: no test figures left beside metrics.json
-            for stale in (out / "confusion_matrix.png", out / CARD):
-                stale.unlink(missing_ok=True)
-        write_json_atomic(out / "metrics.json", metrics)  # last: it marks the run done, its figures and card written
+        weights = sum(v.numel() * v.element_size() for v in student.state_dict().values())
+        with writing("the exported model, figures and metrics", out, weights + SMALL_FILES):
+            export_model(student, out, data.class_names, data.mean, data.std, data.image_shape)
+            plot_history(state.history, out / "curves.png")
+            if run.test_eval:
+                plot_confusion_matrix(metrics["test"]["confusion_matrix"], data.class_names, out / "confusion_matrix.png")
+                write_model_card(out, run.push_to_hub, metrics)
+            else:  # a finished run re-finished with --no-test-eval: no test figures left beside metrics.json
+                for stale in (out / "confusion_matrix.png", out / CARD):
+                    stale.unlink(missing_ok=True)
+            write_json_atomic(out / "metrics.json", metrics)  # last: it marks the run done, its figures and card written
     if run.test_eval:
         accelerator.log(tracking.flat_metrics("test", metrics["test"]), step=state.epoch)
         tracking.log_confusion_matrix(accelerator, "test/confusion_matrix", metrics["test"]["confusion_matrix"], data.class_names, state.epoch)
