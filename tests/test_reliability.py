@@ -245,3 +245,108 @@ def test_no_test_eval_leaves_no_test_figures_and_cannot_be_published(tiny_datase
     push = subprocess.run([sys.executable, "-m", "kd.hub", "push", str(run), "--repo-id", "someone/model"],
                           capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert "was trained with --no-test-eval (e.g. a kd.tune trial): it has no test metrics to publish" in one_line_error(push)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe garbage", r"config file .*bad\.yaml is not a UTF-8 text file \(byte 0 is b'\\x89'\); pass a YAML file"),
+    (b"lr: [0.1\n  epochs: 2\n", r"config file .*bad\.yaml is not valid YAML at line 2, column 9: expected ',' or '\]', but got ':'$"),
+])
+def test_config_file_that_is_not_yaml_text_is_one_line(content, message, tmp_path):
+    """A binary file passed as --config once ended in UnicodeDecodeError (the YAML errors were
+    caught only after the file was read as text); PyYAML's message spans several lines."""
+    from kd.cli import train_parser
+    from kd.config import parse
+    from kd.errors import UsageError
+
+    (tmp_path / "bad.yaml").write_bytes(content)
+    with pytest.raises(UsageError, match=message) as refused:
+        parse(train_parser("student"), ["--config", str(tmp_path / "bad.yaml")])
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number, got inf"),
+    (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
+    (["--dkd-beta", "inf"], "--dkd-beta must be a finite number, got inf"),
+])
+def test_non_finite_settings_are_refused(flags, message, tmp_path):
+    """inf passes every `> 0` check (and nan every `< 0` one): such a run trained to a non-finite
+    loss; from a preset (YAML's .inf) as from the command line."""
+    from kd.cli import distill_parser
+    from kd.config import parse
+    from kd.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"^{message}$"):
+        parse(distill_parser(), flags)
+    (tmp_path / "preset.yaml").write_text(f"{flags[0][2:]}: {'.inf' if flags[1] == 'inf' else '.nan'}\n")
+    with pytest.raises(UsageError, match=f"^{message}$"):
+        parse(distill_parser(), ["--config", str(tmp_path / "preset.yaml")])
+
+
+def test_non_finite_loss_in_the_first_epoch_claims_no_checkpoint(tiny_dataset, tmp_path):
+    """A loss that is non-finite from the start said "the last good checkpoint (epoch 0) is
+    kept", and there was none."""
+    from kd import runner
+    from kd.config import RunArgs, TrainConfig
+    from kd.distillers import Supervised
+    from kd.errors import RunError
+
+    class NaNFromTheStart(Supervised):
+        def forward(self, images, labels, index=None):
+            logits, terms = super().forward(images, labels, index)
+            return logits, {name: term * float("nan") for name, term in terms.items()}
+
+    cfg = TrainConfig(model="cifar_resnet8", epochs=2, batch_size=32, val_size=32, lr=0.05)
+    run = RunArgs(dataset=str(tiny_dataset), output_dir=str(tmp_path / "run"), report_to="none")
+    with pytest.raises(RunError, match=r"of epoch 1 \(loss_ce=nan\); stopped, no checkpoint was saved yet; try a lower --lr$"):
+        runner.run(cfg, run, lambda student, data, accelerator: NaNFromTheStart(student))
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_a_class_missing_from_the_test_split_is_said(tmp_path, capfd):
+    """F1 of a class with no test image is 0 (scikit-learn's zero_division=0) and the macro mean
+    counts it: one warning line names it."""
+    from kd.cli import train
+
+    dataset = write_tiny_cifar(tmp_path / "data", n_train=96, n_test=3)  # test labels 0, 1, 2: no "dark"
+    metrics = train("student", ["--dataset", str(dataset), "--model", "cifar_resnet8", "--output-dir", str(tmp_path / "run"),
+                                "--epochs", "1", "--batch-size", "32", "--val-size", "0", "--report-to", "none"])
+    assert metrics["test"]["per_class"]["dark"]["support"] == 0
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warnings == ["warning: the test split has no image of class dark: its F1 counts as 0 in the test f1_macro, "
+                        "a mean over all 4 classes"]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("metrics.json", "null", "metrics.json holds null, not a JSON object"),
+    ("metrics.json", "[]", "metrics.json holds a list, not a JSON object"),
+    ("metrics.json", '{"test": 5}', "metrics.json: its test entry is a number, not an object of metrics"),
+    ("metrics.json", '{"test": {"accuracy": "high"}}', "metrics.json: its test metrics lack accuracy, f1_macro, precision_macro, recall_macro as numbers"),
+    ("run_config.json", "null", "run_config.json holds null, not a JSON object"),
+    ("run_config.json", '{"train": 5}', "run_config.json is not a kd run config (train is a number)"),
+    ("run_config.json", '{"train": {"model": "cifar_resnet8"}, "run": []}', "run_config.json: its run section is a list, not an object"),
+])
+def test_report_on_json_of_the_wrong_shape_is_one_line(name, content, message, tiny_teacher, tmp_path, capsys):
+    import shutil
+
+    from kd import report
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_teacher, run)
+    (run / name).write_text(content)
+    with pytest.raises(SystemExit) as stopped:
+        report.main([str(run), "--output", str(tmp_path / "report.md")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 1 and message in err[0] and str(run / name) in err[0], err
+
+
+def test_leaderboard_report_on_a_damaged_history_is_one_line(tmp_path):
+    from kd.errors import UsageError
+    from kd.ranking import history
+
+    (tmp_path / "history.jsonl").write_text('{"epoch": 1}\n[1]\n')
+    with pytest.raises(UsageError, match=r"history\.jsonl: line 2 is not a JSON object of an epoch's record"):
+        history(tmp_path)
