@@ -128,18 +128,18 @@ class Writes:
         ]
         replacements = {original: self._wrap(original, *rest) for original, *rest in writers}
         import kd.cli  # noqa: F401  every module a run imports, so that each binds the functions before they are wrapped
-        with warnings.catch_warnings():  # some modules' attributes warn that they are deprecated
+        with warnings.catch_warnings():  # some modules' attributes warn that they are deprecated when looked at
             warnings.simplefilter("ignore")
-            bound = [(module, name, value) for module in list(sys.modules.values()) for name, value in list(getattr(module, "__dict__", {}).items())]
-        for module, name, value in bound:
-            if isinstance(value, types.FunctionType):  # a module imported while another test's wrapper was in place holds that wrapper
-                value = value.__dict__.get("wrapped_writer", value)
-            try:
-                replacement = replacements.get(value)
-            except TypeError:  # unhashable
-                continue
-            if replacement is not None:
-                monkeypatch.setattr(module, name, replacement)
+            for module in list(sys.modules.values()):
+                for name, value in list(getattr(module, "__dict__", {}).items()):
+                    if isinstance(value, types.FunctionType):  # a module imported while another test's wrapper was in place holds that wrapper
+                        value = value.__dict__.get("wrapped_writer", value)
+                    try:
+                        replacement = replacements.get(value)
+                    except TypeError:  # unhashable
+                        continue
+                    if replacement is not None:
+                        monkeypatch.setattr(module, name, replacement)
         monkeypatch.setattr(matplotlib.figure.Figure, "savefig", replacements[savefig])
 
     def _wrap(self, original, path_of, leave_half, failure):
