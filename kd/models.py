@@ -184,8 +184,12 @@ class CifarResNet(TapNet):
 
 
 @torch.no_grad()
-def list_taps(model: TapNet, input_size: Sequence[int] = (3, 32, 32)) -> Dict[str, Tuple[int, ...]]:
-    """Each tap's name and (C, H, W) shape, measured with one forward pass on zeros."""
+def list_taps(model: TapNet, input_size: Optional[Sequence[int]] = None) -> Dict[str, Tuple[int, ...]]:
+    """Each tap's name and (C, H, W) shape, measured with one forward pass on zeros of
+    `input_size`, by default the size the model records (`pretrained_cfg["input_size"]`: what it
+    was exported with, or what the runner sets from the data), else 32x32."""
+    if input_size is None:
+        input_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 32, 32)))
     was_training = model.training
     model.eval()
     try:

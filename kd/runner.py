@@ -112,9 +112,14 @@ def check_model_name(name: str) -> None:
         raise UsageError(f"unknown model {name!r}; kd models: {', '.join(timm.list_models('cifar_*'))}")
 
 
-def create_student(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+def create_student(cfg: TrainConfig, num_classes: int, image_shape: Optional[Sequence[int]] = None) -> torch.nn.Module:
+    """The student from the timm registry; `image_shape` (C, H, W) is recorded as its input size,
+    so that its taps are measured at the size it trains on."""
     check_model_name(cfg.model)
-    return timm.create_model(cfg.model, num_classes=num_classes)
+    model = timm.create_model(cfg.model, num_classes=num_classes)
+    if image_shape is not None:
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": tuple(image_shape)}
+    return model
 
 
 def loaders(data: CifarData, cfg: TrainConfig, run: RunArgs, accelerator: Accelerator):
@@ -183,7 +188,7 @@ def owned_run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distil
     accelerator = make_accelerator(cfg, run, trackers, precision)
     set_seed(cfg.seed)
     data = load_data(accelerator, cfg, run)
-    method = make_method(create_student(cfg, data.num_classes), data, accelerator)
+    method = make_method(create_student(cfg, data.num_classes, data.image_shape), data, accelerator)
     resolved = resolved_config(cfg, distill, run, extra or {}, data, accelerator, precision)
     if run.resume:
         check_resumable(out, resolved)

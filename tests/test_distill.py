@@ -55,6 +55,23 @@ def _build(mode, student="cifar_resnet8x4", teacher="cifar_resnet14x4", **overri
     return build_distiller(mode, timm.create_model(student, num_classes=10), frozen, cfg, train_labels=torch.arange(20) % 10), frozen
 
 
+@pytest.mark.parametrize("mode", ["hidden-trained", "hybrid"])
+def test_feature_modes_measure_taps_at_the_models_own_image_size(mode):
+    """64x64 images (a Tiny ImageNet run): the taps are measured at the size the models record
+    (the runner sets the student's, the export the teacher's), so an adapter between maps of
+    different sizes resizes to the teacher's real 32x32, not to the 16x16 of a 32x32 input."""
+    def at_64(name):
+        model = timm.create_model(name, num_classes=10)
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 64, 64)}
+        return model
+    cfg = DistillConfig(mode=mode, student_layer="layer3", teacher_layer="layer2")
+    method = build_distiller(mode, at_64("cifar_resnet8x4"), FrozenTeacher(at_64("cifar_resnet14x4")), cfg,
+                             train_labels=torch.arange(20) % 10)
+    method.train()
+    _, terms = method(torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2,)))
+    assert all(torch.isfinite(value) for value in terms.values())
+
+
 def test_hidden_never_runs_the_teacher_after_its_tap():
     method, teacher = _build("hidden")
     called = []

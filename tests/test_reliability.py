@@ -20,7 +20,7 @@ def one_line_error(result, code=2):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--model", "resnet_nope"], "unknown model 'resnet_nope'; kd models: cifar_resnet8"),
+    (["--model", "resnet_nope"], "unknown model 'resnet_nope'; kd models: cifar_rd_mobilenetv2,"),
     (["--lr", "0"], "--lr must be positive"),
     (["--epochs", "-1"], "--epochs must be positive"),
     (["--batch-size", "0"], "--batch-size must be positive"),
@@ -43,9 +43,10 @@ def test_bad_distillation_flags(tiny_dataset, tiny_teacher, tmp_path):
 def test_dataset_errors(tmp_path):
     missing = run_script("train_student.py", "--dataset", tmp_path / "nowhere", "--output-dir", tmp_path / "a", check=False)
     assert "does not exist" in one_line_error(missing)
-    no_image = write_tiny_cifar(tmp_path / "noimg", n_train=16, n_test=4, image_column="picture")
-    result = run_script("train_student.py", "--dataset", no_image, "--output-dir", tmp_path / "b", "--val-size", "0", check=False)
-    assert "has no image column" in one_line_error(result)
+    other_name = write_tiny_cifar(tmp_path / "picture", n_train=16, n_test=4, image_column="picture")  # its one image column is found
+    result = run_script("train_student.py", "--dataset", other_name, "--output-dir", tmp_path / "b", "--val-size", "0",
+                        "--image-column", "img", check=False)
+    assert "--image-column 'img': dataset" in one_line_error(result) and "has no such column (its columns: picture" in result.stderr
     hub = run_script("train_student.py", "--dataset", "some-org/not-cached", "--output-dir", tmp_path / "c", check=False,
                      env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert "pass a local copy with --dataset PATH" in one_line_error(hub)
