@@ -3,11 +3,11 @@
 import dataclasses
 from typing import Dict, Optional, Sequence
 
-from kd import runner
+from kd.train import runner
 from kd.config import build_parser, parse
 from kd.distillers import DISTILLERS, FrozenTeacher, Supervised, build_distiller
 from kd.errors import UsageError, main_guard
-from kd.export import load_model
+from kd.train.export import load_model
 from kd.models import list_taps
 
 ROLES = {

@@ -14,8 +14,8 @@ import torch
 from kd.config import Parser
 from kd.data import HUB_DATASET, CifarData, Layout, default_dataset, Split, load_cifar
 from kd.errors import UsageError, main_guard
-from kd.export import write_json_atomic
-from kd.plots import save_png_atomic
+from kd.util.files import write_json_atomic
+from kd.train.plots import save_png_atomic
 
 SPLITS = ("train", "test")
 

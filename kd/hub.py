@@ -13,7 +13,8 @@ from typing import Dict, Optional, Sequence
 from kd.config import Parser
 from kd.data import is_local_dataset
 from kd.errors import RunError, UsageError, main_guard
-from kd.export import load_model, write_text_atomic
+from kd.train.export import load_model
+from kd.util.files import write_text_atomic
 
 CARD = "README.md"
 NEEDED = ("config.json", "model.safetensors", "metrics.json", "run_config.json")  # what a finished run holds

@@ -37,7 +37,7 @@ from kd.bench.timing import STUDENT, TEACHER  # noqa: E402
 from kd.data import is_local_dataset  # noqa: E402
 from kd.distillers import DISTILLERS  # noqa: E402
 from kd.errors import UsageError, main_guard  # noqa: E402
-from kd.export import write_json_atomic  # noqa: E402
+from kd.util.files import write_json_atomic  # noqa: E402
 
 PRESETS = REPO / "presets"
 SMOKE_FLAGS = ["--epochs", "1", "--max-train-samples", "256", "--max-eval-samples", "128", "--val-size", "128", "--batch-size", "64"]

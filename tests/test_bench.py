@@ -104,13 +104,13 @@ def test_row_ratio_and_target():
 
 
 def test_the_benchmark_tunes_its_device_as_the_runner_does(tiny_dataset, monkeypatch):
-    """kd.device.tune_for, which the runner calls (cuDNN autotuning and TF32 on CUDA, glibc's
+    """kd.train.device.tune_for, which the runner calls (cuDNN autotuning and TF32 on CUDA, glibc's
     allocator on CPU), runs before any figure, in the benchmark and in each of its children."""
     import multiprocessing
 
     import torch
 
-    from kd import device
+    from kd.train import device
     from kd.bench import __main__ as bench, figures, isolated
 
     events = []

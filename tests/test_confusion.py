@@ -1,7 +1,7 @@
 """The confusion-matrix picture of a run folder, and --overwrite removing it with the rest."""
 
-from kd import runner
-from kd.plots import plot_confusion_matrix
+from kd.train import runner
+from kd.train.plots import plot_confusion_matrix
 
 
 def test_confusion_matrix_png_is_written_and_cleared_by_overwrite(tmp_path):

@@ -6,7 +6,7 @@ PREPARED = """
 import sys
 from pathlib import Path
 import timm
-from kd import device, runner
+from kd.train import device, runner
 from kd.config import RunArgs, TrainConfig
 from kd.distillers import Supervised
 accelerator = runner.make_accelerator(TrainConfig(batch_size=4), RunArgs(output_dir=sys.argv[1], report_to="none"), None,

@@ -5,7 +5,7 @@ import psutil
 import pytest
 import torch
 
-import kd.images
+import kd.data.images
 from kd.data import DeviceLoader, Layout, Split, augment, check_fits, default_crop_padding, load_cifar, random_crop_flip, stratified_split
 from kd.errors import UsageError
 
@@ -47,7 +47,7 @@ def test_decode_happens_once(tiny_dataset, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr(kd.images, "decode", no_decoding)
+    monkeypatch.setattr(kd.data.images, "decode", no_decoding)
     again = load_cifar(str(tiny_dataset), val_size=0)
     assert len(again.train) == 192
 
@@ -152,7 +152,7 @@ def test_images_of_several_sizes_are_named_or_resized_when_asked(tmp_path):
 def test_resize_takes_the_centre_of_the_shorter_side():
     from PIL import Image
 
-    from kd.images import resize_square
+    from kd.data.images import resize_square
 
     pixels = np.zeros((20, 40, 3), dtype=np.uint8)  # 40 wide, 20 high
     pixels[:, 6:34] = 255  # all white but for 6 black columns on each side
@@ -182,7 +182,7 @@ def test_a_set_too_large_for_memory_is_refused_before_decoding(tiny_dataset, mon
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded a set that cannot fit")
 
-    monkeypatch.setattr(kd.images, "decode", no_decoding)
+    monkeypatch.setattr(kd.data.images, "decode", no_decoding)
     with pytest.raises(UsageError) as caught:  # 256 images of 3 x 10^5 x 10^5 bytes: 7.7 PB
         load_cifar(str(tiny_dataset), val_size=0, layout=Layout(image_size=100_000))
     message = str(caught.value)

@@ -28,7 +28,7 @@ EVALUATE = """
 import json, sys, torch, timm, kd
 from accelerate import Accelerator
 from kd.data import DeviceLoader, load_cifar
-from kd.engine import evaluate
+from kd.train.engine import evaluate
 run = sys.argv[1]
 accelerator = Accelerator(cpu=True, mixed_precision="no")
 model = timm.create_model("local-dir:" + run, pretrained=True)

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from conftest import REPO, TINY_FLAGS, console_script, read_json, run_script
-from kd import device
-from kd.device import Hardware, Precision, choose_precision
-from kd.engine import format_duration
+from kd.train import device
+from kd.train.device import Hardware, Precision, choose_precision
+from kd.util.text import format_duration
 
 AVX2_CPU = Hardware("cpu", "AMD EPYC 7B13")  # Zen 3: AVX2, no AVX512-BF16
 BF16_CPU = Hardware("cpu", "Intel Xeon 8480+", cpu_bf16="AMX")
@@ -124,7 +124,7 @@ def test_threads_where_the_launcher_chose_them():
 
 PROBE = """
 import torch
-from kd import device
+from kd.train import device
 device.tune_for(torch.device("cpu"))
 h100 = device.Hardware("cuda", "NVIDIA H100", cuda_capability=(9, 0))
 print("probe:", device.choose_precision(None, h100, warn=lambda line: None).mode, torch.get_num_threads(), device.describe(torch.device("cpu")))

@@ -13,7 +13,7 @@ import kd  # noqa: F401
 from kd.config import DistillConfig, TrainConfig
 from kd.distillers import DISTILLERS, FrozenTeacher, build_distiller, kd_loss
 from kd.distillers.logits import LogitsKD
-from kd.engine import make_optimizer
+from kd.train.engine import make_optimizer
 
 from conftest import TINY_FLAGS, read_json, run_script
 

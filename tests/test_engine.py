@@ -12,7 +12,7 @@ import kd  # noqa: F401
 from kd.config import TrainConfig
 from kd.data import DeviceLoader, Split
 from kd.distillers import Supervised
-from kd.engine import learning_rate, make_optimizer
+from kd.train.engine import learning_rate, make_optimizer
 
 
 def test_warmup_is_linear_from_the_first_step_then_cosine_to_zero():
@@ -81,7 +81,7 @@ def test_the_loss_is_read_for_the_progress_bar_only_where_it_is_shown(tty, monke
     one reading per loss term at the end, are all that is read then."""
     from accelerate import Accelerator
 
-    from kd import engine
+    from kd.train import engine
 
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=True, mixed_precision="no")

@@ -123,7 +123,7 @@ class Writes:
             (savefig, lambda figure, fname, *a, **k: as_path(fname), lambda figure, fname, *a, **k: half(fname, b"\x89PNG\r\n\x1a\n" * 64), _full_disk),
             (dump, lambda obj, fp, *a, **k: as_path(getattr(fp, "name", None)), lambda obj, fp, *a, **k: fp.write(json_module.dumps(obj)[:20]),
              _full_disk),
-            # kd.export.write_bytes_atomic's last step before its rename (its data is written): a full disk fails there at the latest
+            # kd.train.export.write_bytes_atomic's last step before its rename (its data is written): a full disk fails there at the latest
             (fsync, lambda fd: os.readlink(f"/proc/self/fd/{fd}"), lambda fd: None, _full_disk),
         ]
         replacements = {original: self._wrap(original, *rest) for original, *rest in writers}

@@ -19,7 +19,7 @@ import yaml
 from conftest import REPO, console_script, read_json
 from kd.errors import RunError
 from kd.hub import push_run, write_model_card
-from kd.plots import plot_history
+from kd.train.plots import plot_history
 
 PUSHED = {"config.json", "model.safetensors", "README.md", "metrics.json", "run_config.json", "history.jsonl", "curves.png",
           "confusion_matrix.png"}

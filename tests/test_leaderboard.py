@@ -10,10 +10,10 @@ import sys
 import pytest
 
 from conftest import REPO, read_json
-from kd import experiment, leaderboard, scheduler
+from kd.lab import experiment, leaderboard, scheduler
 from kd.distillers import DISTILLERS, Distiller
 from kd.distillers.dkd import DKD
-from kd.space import grid_points
+from kd.lab.space import grid_points
 
 
 def plan_lines(capsys, tmp_path, *flags):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from kd import ranking, report, stats
+from kd.lab import ranking, report, stats
 from kd.errors import UsageError
 from test_report import DISTILL, write_run
 
@@ -150,7 +150,7 @@ def test_leaderboard_needs_one_baseline(board_root):
 
 
 def test_driver_appends_the_searches_with_their_trial_counts(board_root, tmp_path, capsys):
-    from kd import leaderboard
+    from kd.lab import leaderboard
 
     out = tmp_path / "lb"
     out.mkdir()

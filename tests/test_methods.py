@@ -17,7 +17,7 @@ from kd.distillers.crd import OtherClassSampler, nce_loss, nce_scores
 from kd.distillers.dist import dist_loss
 from kd.distillers.dkd import dkd_loss
 from kd.distillers.logits import standardize
-from kd.engine import make_optimizer
+from kd.train.engine import make_optimizer
 
 from conftest import kill_after_epochs, read_json, run_script
 

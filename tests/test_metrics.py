@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from kd.metrics import ClassificationReport, classification_report
+from kd.train.metrics import ClassificationReport, classification_report
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -43,7 +43,7 @@ def test_confusion_matrix_counts_true_rows_predicted_columns():
 
 
 def test_confusion_matrix_expands_back_to_its_pairs():
-    from kd.tracking import expand_confusion_matrix
+    from kd.train.tracking import expand_confusion_matrix
 
     y_true, preds = expand_confusion_matrix([[2, 1], [0, 3]])
     assert (y_true, preds) == ([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1])

@@ -38,7 +38,7 @@ def test_its_schedule_and_validation_split_are_kd_s():
     """The equal budget: the same lr at every step, and a held-out part of the same size per class
     (so the same steps per epoch), though each is written apart."""
     from kd.data import stratified_split
-    from kd.engine import learning_rate
+    from kd.train.engine import learning_rate
 
     plain_loop = load_script()
     total, warmup = 10 * 175, round(0.5 * 175)

@@ -1,7 +1,7 @@
 import pytest
 from PIL import Image
 
-from kd.plots import curves, plot_history
+from kd.train.plots import curves, plot_history
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

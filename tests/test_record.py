@@ -1,4 +1,4 @@
-"""kd.record: a leaderboard's small files saved into a record and restored from it, never weights,
+"""kd.lab.record: a leaderboard's small files saved into a record and restored from it, never weights,
 and never the runs of one teacher beside another's (fabricated folders; the whole driver with a
 record is in test_leaderboard.py)."""
 
@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from kd import record
+from kd.lab import record
 
 
 def write(path, text="{}"):
@@ -27,7 +27,7 @@ def run(folder, teacher=None, val=0.5):
 def search(folder):
     folder.mkdir(parents=True)
     with sqlite3.connect(folder / "study.db") as study:
-        study.execute("create table trials (number integer, state text)")  # Optuna's table, the columns kd.record reads
+        study.execute("create table trials (number integer, state text)")  # Optuna's table, the columns kd.lab.record reads
         study.execute("insert into trials values (0, 'PRUNED')")
     study.close()
     write(folder / "tune.json", '{"trials": 1}')
@@ -235,13 +235,13 @@ def test_a_driver_killed_mid_restore_leaves_a_staging_folder_that_the_next_resto
 def test_no_file_a_record_keeps_is_hidden_from_git_by_an_ignore_pattern():
     """A record is a folder to commit: an ignore pattern matching a row's name (an unanchored
     `dist/` once hid every DIST run of every record) loses those runs without a word. The files
-    kd.record keeps for every method's default and tuned runs, its searches, the teacher and the
+    kd.lab.record keeps for every method's default and tuned runs, its searches, the teacher and the
     plain loop are checked against this repository's .gitignore."""
     import subprocess
     from pathlib import Path
 
-    from kd.experiment import all_modes
-    from kd.space import SUPERVISED
+    from kd.lab.experiment import all_modes
+    from kd.lab.space import SUPERVISED
 
     root = Path(__file__).resolve().parents[1]
     if not (root / ".git").exists():

@@ -142,7 +142,7 @@ def test_resume_in_another_precision_says_what_differs(tiny_dataset, tmp_path):
     fp16 loads a loss scaler's state that a bf16 checkpoint lacks. The precision is compared
     first, and the one line says what differs and how to continue."""
     from kd.errors import UsageError
-    from kd.runner import check_resumable
+    from kd.train.runner import check_resumable
 
     out = tmp_path / "run"
     run_script("train_student.py", *_train_args(tiny_dataset, out), "--epochs", "1", "--mixed-precision", "bf16")
@@ -180,7 +180,7 @@ def test_pickle_that_runs_code_is_refused(tiny_dataset, tmp_path):
 
 NAN_SCRIPT = """
 import sys, torch
-from kd import runner
+from kd.train import runner
 from kd.config import RunArgs, TrainConfig
 from kd.distillers import Supervised
 
@@ -290,7 +290,7 @@ def test_non_finite_settings_are_refused(flags, message, tmp_path):
 def test_non_finite_loss_in_the_first_epoch_claims_no_checkpoint(tiny_dataset, tmp_path):
     """A loss that is non-finite from the start said "the last good checkpoint (epoch 0) is
     kept", and there was none."""
-    from kd import runner
+    from kd.train import runner
     from kd.config import RunArgs, TrainConfig
     from kd.distillers import Supervised
     from kd.errors import RunError
@@ -333,7 +333,7 @@ def test_a_class_missing_from_the_test_split_is_said(tmp_path, capfd):
 def test_report_on_json_of_the_wrong_shape_is_one_line(name, content, message, tiny_teacher, tmp_path, capsys):
     import shutil
 
-    from kd import report
+    from kd.lab import report
 
     run = tmp_path / "run"
     shutil.copytree(tiny_teacher, run)
@@ -346,7 +346,7 @@ def test_report_on_json_of_the_wrong_shape_is_one_line(name, content, message, t
 
 def test_leaderboard_report_on_a_damaged_history_is_one_line(tmp_path):
     from kd.errors import UsageError
-    from kd.ranking import history
+    from kd.lab.ranking import history
 
     (tmp_path / "history.jsonl").write_text('{"epoch": 1}\n[1]\n')
     with pytest.raises(UsageError, match=r"history\.jsonl: line 2 is not a JSON object of an epoch's record"):

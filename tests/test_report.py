@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kd import report
+from kd.lab import report
 from kd.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]

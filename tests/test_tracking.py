@@ -106,7 +106,7 @@ def test_wandb_without_credentials_falls_back_to_offline_with_one_notice(tiny_da
 
 
 def test_credentials_are_looked_up_where_wandb_looks(tmp_path, monkeypatch, no_wandb_settings):
-    from kd.tracking import resolve_trackers
+    from kd.train.tracking import resolve_trackers
 
     netrc = tmp_path / "netrc"
     netrc.write_text("machine wandb.example.com\n  login user\n  password " + "k" * 40 + "\n")

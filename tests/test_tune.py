@@ -13,7 +13,8 @@ import time
 import pytest
 
 from conftest import REPO, free_port, read_json
-from kd import cli, space, study as studies, tune
+from kd import cli
+from kd.lab import space, study as studies, tune
 from kd.config import build_parser, parse
 from kd.distillers import DISTILLERS, Distiller
 

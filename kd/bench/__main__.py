@@ -2,7 +2,7 @@
 
 Prints one table (figure | ours | baseline | ratio | target) under a line naming the machine,
 the device (CUDA when there is one, else the CPU; --cpu forces the CPU) and the precision the
-policy picks there (kd.device; --mixed-precision overrides it), which every figure uses;
+policy picks there (kd.train.device; --mixed-precision overrides it), which every figure uses;
 figure 5 also times bf16 against fp32. --output also writes the rows, settings and machine as JSON. About 3 minutes on 2 CPU cores
 (never more than 5: torch.compile gets what is left of the budget, or is skipped);
 --quick (small batches, one timed round, no torch.compile) about 30 s, as a smoke test.
@@ -17,12 +17,12 @@ from typing import List
 
 import torch
 
-from kd import device as devices
+from kd.train import device as devices
 from kd.bench import figures
 from kd.bench.timing import Row, machine
 from kd.data import default_dataset, load_cifar
 from kd.errors import main_guard
-from kd.export import write_json_atomic
+from kd.util.files import write_json_atomic
 
 COLUMNS = ("figure", "ours", "baseline", "ratio", "target")
 BUDGET_S = 280  # the whole run stays under 5 minutes: torch.compile gets what is left of this (--budget)

@@ -8,12 +8,12 @@ from typing import List
 import torch
 
 from kd.bench.isolated import StepProcess, run_isolated
-from kd import device as devices
+from kd.train import device as devices
 from kd.bench.timing import STUDENT, TEACHER, Row, bare_step, create_model, memory_name, random_batch, time_steps
 from kd.config import DistillConfig, TrainConfig
 from kd.data import IMAGE_COLUMNS, CifarData, DeviceLoader
 from kd.distillers import DISTILLERS, FrozenTeacher, Supervised, build_distiller
-from kd.engine import TrainerState, make_optimizer, train_one_epoch
+from kd.train.engine import TrainerState, make_optimizer, train_one_epoch
 
 MEMORY_LIMIT_MB = 4096  # the teacher's full-data run should fit a 4 GB machine (its RAM: a CPU run's target only)
 
@@ -23,7 +23,7 @@ class Settings:
     dataset: str
     threads: int
     device_type: str  # "cpu" or "cuda": every figure trains there
-    precision: str  # what the policy picks (kd.device): "no", "bf16" or "fp16"; figure 5 also times the other
+    precision: str  # what the policy picks (kd.train.device): "no", "bf16" or "fp16"; figure 5 also times the other
     batch_size: int  # global batch of the training steps (figures 1, 2, 4, 5)
     distill_batch_size: int  # batch of figure 3's eight methods, smaller to fit the time budget
     warmup: int  # untimed rounds before the timed ones

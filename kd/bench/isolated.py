@@ -14,12 +14,12 @@ import torch
 
 from kd.bench.timing import (STUDENT, TEACHER, bare_step, create_model, peak_memory_mb, peak_rss_mb, random_batch,
                              reset_peak_memory, time_steps)
-from kd import device as devices
-from kd.device import keep_freed_memory
+from kd.train import device as devices
+from kd.train.device import keep_freed_memory
 from kd.config import DistillConfig, TrainConfig
 from kd.data import DeviceLoader, Split, load_cifar
 from kd.distillers import FrozenTeacher, Supervised, build_distiller
-from kd.engine import TrainerState, make_optimizer, train_one_epoch
+from kd.train.engine import TrainerState, make_optimizer, train_one_epoch
 from kd.models import CIFAR10_MEAN, CIFAR10_STD
 
 

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from kd import device as devices
+from kd.train import device as devices
 from kd.bench.budget import count_flops
 from kd.bench.timing import STUDENT, TEACHER, bare_step, create_model, memory_name, peak_memory_mb, random_batch, reset_peak_memory
 from kd.config import DistillConfig, TrainConfig
 from kd.distillers import FrozenTeacher, build_distiller
-from kd.engine import make_optimizer
+from kd.train.engine import make_optimizer
 from kd.errors import main_guard
-from kd.export import write_json_atomic
+from kd.util.files import write_json_atomic
 
 SYNC_EVERY = 10  # steps queued between reads of the clock (each read waits for the device)
 

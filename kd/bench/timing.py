@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import kd  # noqa: F401  registers the cifar_* models in timm
-from kd import device as devices
+from kd.train import device as devices
 
 STUDENT, TEACHER = "cifar_resnet8x4", "cifar_resnet14x4"
 

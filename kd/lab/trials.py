@@ -12,8 +12,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from kd import cli
 from kd.config import parse
-from kd.export import existing_dir
-from kd.space import SUPERVISED, distribution, grid_points, held_points, inside, to_flags
+from kd.util.files import existing_dir
+from kd.lab.space import SUPERVISED, distribution, grid_points, held_points, inside, to_flags
 
 NOT_IN_PRESET = ("seed", "max_train_samples", "max_eval_samples")  # the driver sets seeds; data sizes are the run's budget
 
@@ -55,8 +55,8 @@ def trial_line(study, trial) -> str:
 def changed_from_trial(folder: Path, method: str, training_args: List[str], point: Dict) -> str:
     """Why the run in `folder` (its run_config.json) did not train `point` exactly as a trial of
     this search would, or "" when it did."""
-    from kd.device import choose_precision
-    from kd.runner import changed_setting
+    from kd.train.device import choose_precision
+    from kd.train.runner import changed_setting
 
     resolved = json.loads((folder / "run_config.json").read_text())
     parser, _ = training_entry(method)
@@ -127,7 +127,7 @@ def interrupted_run(study, method: str, training_args: List[str], values: Dict) 
     trial resumes it rather than starting again at epoch 1; None when there is none."""
     import optuna
 
-    from kd.runner import CHECKPOINT
+    from kd.train.runner import CHECKPOINT
 
     for stale in reversed(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))):
         folder = Path(stale.user_attrs.get("run_dir", ""))
@@ -144,8 +144,8 @@ def interrupted_run(study, method: str, training_args: List[str], values: Dict) 
 def resume_interrupted(trial, method: str, training_args: List[str], values: Dict, run_dir: Path) -> bool:
     """Move the folder of an interrupted trial of this point (if any) to `run_dir` and report its
     finished epochs' validation F1 to `trial`, for the pruner; True when there was one to resume."""
-    from kd.checkpoint import STATE
-    from kd.runner import CHECKPOINT
+    from kd.train.checkpoint import STATE
+    from kd.train.runner import CHECKPOINT
 
     found = interrupted_run(trial.study, method, training_args, values)
     if found is None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from kd.models import CifarResNet, TapNet
+from kd.models.resnet import CifarResNet, TapNet
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)  # the reference's normalisation (dataset/cifar100.py)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)

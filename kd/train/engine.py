@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from kd.config import TrainConfig
 from kd.data import DeviceLoader
 from kd.errors import RunError
-from kd.metrics import classification_report
+from kd.util.text import format_duration
+from kd.train.metrics import classification_report
 
 PROGRESS_EVERY = 20  # steps between progress-bar updates (each one syncs the device)
 
@@ -124,12 +125,6 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: DeviceLoa
     predictions, references, indices = accelerator.gather_for_metrics((torch.cat(predictions), torch.cat(references), torch.cat(indices)))
     real = indices >= 0  # drop the padding of short last slices
     return classification_report(predictions[real].cpu().numpy(), references[real].cpu().numpy(), class_names)
-
-
-def format_duration(seconds: float) -> str:
-    seconds = round(seconds)
-    hours, minutes = seconds // 3600, seconds % 3600 // 60
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds % 60:02d}s" if minutes else f"{seconds}s"
 
 
 def summary_line(record: Dict, remaining_s: float) -> str:

@@ -1,5 +1,5 @@
 """Image classification data: loaded through `datasets`, its columns and splits found (or
-named by flags), decoded once into a uint8 tensor (N x 3 x H x W, kd.images) cached on disk,
+named by flags), decoded once into a uint8 tensor (N x 3 x H x W, kd.data.images) cached on disk,
 kept on the training device, augmented a whole batch at a time (airbench's approach: no PIL
 and no worker processes in the hot loop)."""
 
@@ -10,10 +10,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from kd import images as image_files
+from kd.data import images as image_files
 from kd.errors import UsageError
-from kd.images import cache_dir  # noqa: F401  (where the decoded splits are cached; tests and tools read it here)
-from kd.layout import IMAGE_COLUMNS, Layout, class_labels, column_list, eval_split_name, find_columns  # noqa: F401
+from kd.data.images import cache_dir  # noqa: F401  (where the decoded splits are cached; tests and tools read it here)
+from kd.data.layout import IMAGE_COLUMNS, Layout, class_labels, column_list, eval_split_name, find_columns  # noqa: F401
 
 HUB_DATASET = "uoft-cs/cifar10"
 

@@ -20,8 +20,8 @@ try:
 except ImportError:  # Windows: no flock, no lock
     fcntl = None
 
-LOCK = ".lock"  # inside the folder: the folder carries its owner (kd.scheduler's FOLDER.lock sits beside it)
-STAGING = ".export."  # kd.export's staging folders
+LOCK = ".lock"  # inside the folder: the folder carries its owner (kd.lab.scheduler's FOLDER.lock sits beside it)
+STAGING = ".export."  # kd.train.export's staging folders
 # what a failed write can raise: OSError from Python's files, RuntimeError from torch.save's C++
 # writer ("basic_ios::clear: iostream error" on a full disk), SafetensorError from safetensors
 try:
@@ -75,7 +75,7 @@ def clear_stale(out: Path, names: Sequence[str], tmp_folders: Sequence[str]) -> 
     for name in tmp_folders:
         shutil.rmtree(out / name, ignore_errors=True)
     for name in names:
-        for path in out.glob(f".{name}.*"):  # kd.export.write_bytes_atomic's and save_png_atomic's temporaries
+        for path in out.glob(f".{name}.*"):  # kd.train.export.write_bytes_atomic's and save_png_atomic's temporaries
             if path.is_file():
                 path.unlink(missing_ok=True)
 

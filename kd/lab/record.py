@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set
 
 from kd.errors import UsageError
-from kd.export import write_bytes_atomic, write_text_atomic
+from kd.util.files import write_bytes_atomic, write_text_atomic
 
 RUN_FILES = ("run_config.json", "history.jsonl", "metrics.json")  # metrics.json, which marks a run done, last
 SEARCH_FILES = ("best.yaml", "study.db", "tune.json")  # after the trials; tune.json, which marks a search done, last
@@ -139,8 +139,8 @@ def copy_item(origin: Path, copy: Path) -> None:
 def draw_figures(run: Path) -> None:
     """A restored run's curves and test confusion matrix, drawn again from its small files (the
     record keeps no PNG), as the run drew them, so that its folder looks like one trained here."""
-    from kd.plots import curves, plot_confusion_matrix, plot_history
-    from kd.ranking import history
+    from kd.train.plots import curves, plot_confusion_matrix, plot_history
+    from kd.lab.ranking import history
 
     metrics, epochs = json.loads((run / RUN_FILES[-1]).read_text()), history(run)
     if curves(epochs):  # nothing to plot in a history without losses or metrics

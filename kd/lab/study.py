@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from kd.errors import UsageError
-from kd.space import enqueue_grid
+from kd.lab.space import enqueue_grid
 
 try:
     import fcntl

@@ -12,10 +12,10 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from kd.engine import TrainerState
+from kd.train.engine import TrainerState
 from kd.errors import UsageError
-from kd.export import existing_dir, replace_dir_atomic, write_json_atomic
-from kd.rundir import WRITE_ERRORS, write_failed
+from kd.util.files import existing_dir, replace_dir_atomic, write_json_atomic
+from kd.train.rundir import WRITE_ERRORS, write_failed
 
 STATE = "trainer_state.json"
 KEPT = "kept_student.safetensors"

@@ -1,7 +1,7 @@
 """CIFAR ResNets registered in timm, with intermediate feature maps ("taps") by name.
 
 After ``import kd``, ``timm.create_model("cifar_resnet14x4", num_classes=10)`` builds one
-and ``timm.list_models("cifar_*")`` lists them all, the papers' zoo (kd.zoo, ``cifar_rd_*``)
+and ``timm.list_models("cifar_*")`` lists them all, the papers' zoo (kd.models.zoo, ``cifar_rd_*``)
 among them.
 
 Taps are the outputs of the stem, of every residual block (``layer2.0``) and of every
@@ -120,7 +120,7 @@ class TapNet(nn.Module):
 class CifarResNet(TapNet):
     """ResNet for 32x32 inputs: a 3x3 stride-1 stem and three stages of BasicBlocks.
     `stem_width` (default: the first stage's width) and `zero_init_last` (kd's models: True)
-    are what the papers' ResNets (kd.zoo) set otherwise."""
+    are what the papers' ResNets (kd.models.zoo) set otherwise."""
 
     def __init__(
         self,
@@ -279,6 +279,3 @@ def cifar_resnet8x4(pretrained: bool = False, **kwargs) -> CifarResNet:
 def cifar_resnet14x4(pretrained: bool = False, **kwargs) -> CifarResNet:
     """The report's teacher: ~2.78M parameters."""
     return _create("cifar_resnet14x4", pretrained, **kwargs)
-
-
-from kd import zoo  # noqa: E402,F401  the papers' models (cifar_rd_*); last: kd.zoo builds on the classes above

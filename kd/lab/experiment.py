@@ -1,7 +1,7 @@
 """What the leaderboard experiment trains, and in which order: the budgets (a teacher/student
 pair, presets, runs at a time), each row's default runs seed by seed, the plain loop beside the
 baseline, each method's search and its tuned runs, and what decides which tuned rows run
-(--tuned-top). kd.leaderboard runs the plan; kd.scheduler executes its jobs."""
+(--tuned-top). kd.leaderboard runs the plan; kd.lab.scheduler executes its jobs."""
 
 import contextlib
 import functools
@@ -14,11 +14,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from kd import config
 from kd.cli import distill_parser, train_parser
-from kd.device import choose_precision
+from kd.train.device import choose_precision
 from kd.distillers import DISTILLERS
 from kd.errors import UsageError
-from kd.scheduler import Job
-from kd.space import SUPERVISED, declared_grid, grid_points, grid_specs, methods
+from kd.lab.scheduler import Job
+from kd.lab.space import SUPERVISED, declared_grid, grid_points, grid_specs, methods
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 PLAIN_LOOP = Path(__file__).resolve().parents[1] / "scripts" / "plain_loop.py"

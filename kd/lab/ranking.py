@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from kd import stats
-from kd.engine import format_duration
+from kd.lab import stats
+from kd.util.text import format_duration
 from kd.errors import UsageError
-from kd.plots import save_png_atomic
-from kd.report import SHORT_NAMES, Row, Run, _cell, _fmt_value, _settings, _split_metrics, is_tuned
+from kd.train.plots import save_png_atomic
+from kd.lab.runs import SHORT_NAMES, Row, Run, cell, fmt_value, is_tuned, run_settings, split_metrics
 
 COMPARED = (("accuracy", "accuracy"), ("f1_macro", "F1 macro"))
 PRECISION_NAMES = {"no": "fp32"}
@@ -87,14 +87,14 @@ def _mean(values) -> Optional[float]:
 
 
 def searched_settings(run: Run) -> str:
-    from kd.space import methods  # the spaces are declared on the method classes
+    from kd.lab.space import methods  # the spaces are declared on the method classes
 
     method = run.config.get("method", "supervised")
     known = methods().get(method)
     values = {**run.config["train"], **(run.config.get("distill") or {})}
     replaced = getattr(known, "standardized_by", {}) if values.get("logit_standardization") else {}
     names = dict.fromkeys(used for name in getattr(known, "search_space", {}) for used in replaced.get(name, (name,)))  # what it trained with
-    shown = lambda value: f"{value:.3g}" if isinstance(value, float) else _fmt_value(value)  # noqa: E731
+    shown = lambda value: f"{value:.3g}" if isinstance(value, float) else fmt_value(value)  # noqa: E731
     return ", ".join(f"{SHORT_NAMES.get(name, name)}={shown(values.get(name))}" for name in names)
 
 
@@ -110,7 +110,7 @@ def _joined(values: Sequence[str]) -> str:
 
 def _values(row: Row, split: str) -> Dict[str, List[float]]:
     """The compared metrics of each of the row's runs: {metric: [value per run]}."""
-    return {key: [float(_split_metrics(run, split)[key]) for run in row.runs] for key, _ in COMPARED}
+    return {key: [float(split_metrics(run, split)[key]) for run in row.runs] for key, _ in COMPARED}
 
 
 def entries(rows: Sequence[Row], baseline: Row, split: str = "test") -> List[Entry]:
@@ -151,7 +151,7 @@ def to_markdown(items: Sequence[Entry], baseline: Row, split: str = "test") -> s
     for entry in items:
         row = entry.row
         differs = "≠ " if entry.measured_on != base_hardware else ""
-        cells = [row.label, entry.settings or "–", str(row.n), *(_cell(*row.stats[key]) for key, _ in COMPARED),
+        cells = [row.label, entry.settings or "–", str(row.n), *(cell(*row.stats[key]) for key, _ in COMPARED),
                  *(("baseline" if row is baseline else _interval_cell(entry.deltas[key])) for key, _ in COMPARED),
                  f"{entry.step_cost:.2f}×" if entry.step_cost else "–",
                  format_duration(entry.wall_time_s) if entry.wall_time_s is not None else "–",
@@ -168,14 +168,14 @@ def _untuned_settings(row: Row) -> str:
     """What a tuned row shares with its method's default row: the role, the method and every
     setting outside the method's search space (and the settings standardization uses in their
     place), as one comparable string."""
-    from kd.space import methods
+    from kd.lab.space import methods
 
     run = row.runs[0]
     method = run.config.get("method", "supervised")
     known = methods().get(method)
     searched = set(getattr(known, "search_space", {}))
     searched |= {used for name in searched for used in getattr(known, "standardized_by", {}).get(name, ())}
-    settings = {name: value for name, value in _settings(run).items() if name not in searched}
+    settings = {name: value for name, value in run_settings(run).items() if name not in searched}
     return json.dumps([run.config.get("role"), method, settings], sort_keys=True)
 
 
@@ -222,9 +222,9 @@ def searches_markdown(searches: Dict[str, Optional[Dict]], gains: Optional[Dict[
             lines.append(f"| {method} | 0 | – | – | – | – |")
             continue
         grid = summary.get("grid")
-        searched = ("grid " + "; ".join(f"{name} {', '.join(_fmt_value(v) for v in values)}" for name, values in grid.items())
+        searched = ("grid " + "; ".join(f"{name} {', '.join(fmt_value(v) for v in values)}" for name, values in grid.items())
                     if grid else "TPE draws")
-        best = ", ".join(f"{name}={_fmt_value(value)}" for name, value in summary["best_params"].items())
+        best = ", ".join(f"{name}={fmt_value(value)}" for name, value in summary["best_params"].items())
         gain = "n/a" if gains.get(method) is None else f"{gains[method]:+.4f}"
         reused = f", {summary['reused']} reused" if summary.get("reused") else ""  # runs taken as trials (kd.tune --reuse-runs)
         lines.append(f"| {method} | {summary['trials']} ({summary['pruned']}){reused} | {searched} | {best} | {summary['best_val_f1_macro']:.4f} | {gain} |")
@@ -236,7 +236,7 @@ def plain_loop_markdown(ours: Sequence[Dict], plain: Sequence[Dict]) -> str:
     metrics.json (`ours`) and the plain loop's (`plain`), their test accuracy and macro F1 over
     seeds, and plain minus ours with its 95% Welch interval."""
     settings = [run["settings"] for run in plain]
-    budget = "; ".join(dict.fromkeys(f"{s['model']}, {s['epochs']} epochs, batch {s['batch_size']}, lr {_fmt_value(s['lr'])}, "
+    budget = "; ".join(dict.fromkeys(f"{s['model']}, {s['epochs']} epochs, batch {s['batch_size']}, lr {fmt_value(s['lr'])}, "
                                       f"{s['precision']}" for s in settings))
     lines = [f"Our loop against a plain PyTorch loop at equal budget (`scripts/plain_loop.py`, written apart from kd's data and "
              f"loop: {budget}; each keeps the epoch with the best validation macro F1 on its own split):", "",
@@ -244,7 +244,7 @@ def plain_loop_markdown(ours: Sequence[Dict], plain: Sequence[Dict]) -> str:
     values = {}
     for label, runs in (("kd (`train_student.py`, the student row)", ours), ("plain PyTorch (`scripts/plain_loop.py`)", plain)):
         values[label] = {key: [run["test"][key] for run in runs] for key, _ in COMPARED}
-        cells = [_cell(statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None) for v in values[label].values()]
+        cells = [cell(statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None) for v in values[label].values()]
         lines.append(f"| {label} | {len(runs)} | {' | '.join(cells)} |")
     kd_values, plain_values = values.values()
     differences = [stats.welch_interval(plain_values[key], kd_values[key]) for key, _ in COMPARED]

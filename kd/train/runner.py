@@ -17,15 +17,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-from kd import checkpoint, device, engine, rundir, tracking
+from kd.train import checkpoint, device, engine, rundir, tracking
 from kd.config import DistillConfig, RunArgs, TrainConfig
 from kd.data import CifarData, DeviceLoader, Layout, default_crop_padding, load_cifar
 from kd.distillers import Distiller
 from kd.errors import UsageError
-from kd.export import existing_dir, export_model, write_json_atomic, write_text_atomic
+from kd.train.export import export_model
+from kd.util.files import existing_dir, write_json_atomic, write_text_atomic
 from kd.hub import CARD, push_run, write_model_card
-from kd.metrics import absent_classes_warning
-from kd.plots import plot_confusion_matrix, plot_history
+from kd.train.metrics import absent_classes_warning
+from kd.train.plots import plot_confusion_matrix, plot_history
 
 CHECKPOINT = "checkpoint"
 RUN_FILES = ("config.json", "model.safetensors", "metrics.json", "run_config.json", "history.jsonl",
@@ -62,7 +63,7 @@ SMALL_FILES = 2**20  # about what the JSON files, figures and card of a run take
 
 
 def writing(what: str, out: Path, needed_bytes: int = SMALL_FILES):
-    """A failed write of `what` in the run folder `out` ends in one line (kd.rundir.write_failed)."""
+    """A failed write of `what` in the run folder `out` ends in one line (kd.train.rundir.write_failed)."""
     return rundir.writing(what, out, needed_bytes, kept=lambda: checkpoint.last_good(out / CHECKPOINT))
 
 
@@ -164,7 +165,7 @@ def crop_padding(cfg: TrainConfig, data: CifarData) -> int:
 def run(cfg: TrainConfig, run: RunArgs, make_method: MethodFactory, distill: Optional[DistillConfig] = None, extra: Optional[Dict] = None,
         on_epoch: Optional[EpochCallback] = None) -> Dict:
     """Train `cfg.model` with the method `make_method` builds; returns the final metrics. The run
-    folder is claimed first, before anything is loaded: one live run owns it (kd.rundir)."""
+    folder is claimed first, before anything is loaded: one live run owns it (kd.train.rundir)."""
     check_output_dir(run)  # refused before anything is touched
     check_model_name(cfg.model)
     if run.push_to_hub and not run.test_eval:

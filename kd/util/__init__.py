@@ -1,0 +1,1 @@
+"""Small utilities with no kd dependencies: atomic file writes, durations as text."""
