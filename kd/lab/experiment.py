@@ -20,8 +20,8 @@ from kd.errors import UsageError
 from kd.lab.scheduler import Job
 from kd.lab.space import SUPERVISED, declared_grid, grid_points, grid_specs, methods
 
-PRESETS = Path(__file__).resolve().parents[1] / "presets"
-PLAIN_LOOP = Path(__file__).resolve().parents[1] / "scripts" / "plain_loop.py"
+PRESETS = Path(__file__).resolve().parents[2] / "presets"  # kd/lab/ -> the repository
+PLAIN_LOOP = Path(__file__).resolve().parents[2] / "scripts" / "plain_loop.py"
 # the student budget's settings the plain loop takes as flags; the others must be kd's defaults
 PLAIN_FIELDS = ("model", "epochs", "lr", "batch_size", "momentum", "weight_decay", "warmup_epochs", "val_size")
 # Rows that are a method plus a switch: (method, its flags). Defaults only: the method's search
