@@ -4,6 +4,7 @@ plans and time budgets."""
 import os
 import subprocess
 import sys
+import time
 
 import psutil  # an accelerate dependency
 import pytest
@@ -90,8 +91,13 @@ def test_a_step_is_stopped_at_its_budget_with_what_it_started(tmp_path):
     result = run_bounded([sys.executable, "-c", grandchild], 3, tmp_path / "log", tmp_path)
     assert result.returncode is None  # stopped, not finished
     pid = int((tmp_path / "log").read_text().split()[0])
-    try:
-        assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # killed, not yet reaped
+    try:  # the group's SIGKILL lands asynchronously: wait for the grandchild to be gone (a zombie, or reaped)
+        grandchild_process = psutil.Process(pid)
+        for _ in range(300):
+            if grandchild_process.status() == psutil.STATUS_ZOMBIE:
+                break
+            time.sleep(0.1)
+        assert grandchild_process.status() == psutil.STATUS_ZOMBIE  # killed, not yet reaped
     except psutil.NoSuchProcess:
         pass  # killed and reaped
 
