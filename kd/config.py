@@ -227,6 +227,20 @@ def check_finite(train: TrainConfig, distill: Optional[DistillConfig]) -> None:
                 raise UsageError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
 
 
+def with_defaults(section: str, values):
+    """A saved run_config.json section ("train", "distill") with the fields it predates filled in
+    with their defaults: a run written before a field existed trained as that field's default does
+    (a field is only ever added with the default that keeps the old behaviour). Resume, reuse and
+    the reports compare runs through this, so an older run still matches a new one."""
+    cls = {"train": TrainConfig, "distill": DistillConfig}.get(section)
+    if cls is None or not isinstance(values, dict):
+        return values
+    missing = {f.name: f.default for f in dataclasses.fields(cls)
+               if f.name not in values and f.default is not dataclasses.MISSING}
+    missing = {name: list(value) if isinstance(value, tuple) else value for name, value in missing.items()}  # as JSON holds it
+    return {**values, **missing}
+
+
 def validate(train: TrainConfig, distill: Optional[DistillConfig]) -> None:
     positive = {"--lr": train.lr, "--epochs": train.epochs, "--batch-size": train.batch_size, "--grad-accum": train.grad_accum}
     if distill:

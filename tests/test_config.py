@@ -90,3 +90,23 @@ def test_lr_milestones_from_yaml_and_command_line_are_epochs(tmp_path):
     preset.write_text("lr_milestones: [150, soon]\n")
     with pytest.raises(UsageError, match="lr_milestones: .* is not a list of float values"):
         parse(parser(), ["--config", str(preset)])
+
+
+def test_a_run_saved_before_a_field_existed_counts_as_its_default():
+    """A run_config.json written before --lr-milestones/--lr-decay existed trained as their
+    defaults do: --resume, kd.tune's --reuse-runs (changed_setting) and the reports' rows
+    (run_settings) must match it with a run of today's defaults, and still tell a real change."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from kd.config import TrainConfig
+    from kd.lab.runs import Run, run_settings
+    from kd.train.runner import changed_setting
+
+    now = json.loads(json.dumps({"train": dataclasses.asdict(TrainConfig()), "distill": None, "run": {}}))
+    old = {**now, "train": {k: v for k, v in now["train"].items() if k not in ("lr_milestones", "lr_decay")}}
+    assert changed_setting(old, now) is None
+    assert run_settings(Run(Path("old"), old, {})) == run_settings(Run(Path("new"), now, {}))
+    decayed = {**now, "train": {**now["train"], "lr_milestones": [5.0]}}
+    assert changed_setting(old, decayed) == ("lr_milestones", [], [5.0])

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from kd.config import with_defaults
 from kd.errors import UsageError
 
 METRICS = (("accuracy", "accuracy"), ("f1_macro", "F1 macro"), ("precision_macro", "precision macro"), ("recall_macro", "recall macro"))
@@ -140,8 +141,8 @@ def run_settings(run: Run) -> Dict:
     """Everything that makes two runs different experiments; the seed and run infrastructure
     (output folder, precision, trackers) are left out."""
     config = run.config
-    settings = {k: v for k, v in config["train"].items() if k not in NOT_SETTINGS}
-    settings.update((config.get("distill") or {}).items())
+    settings = {k: v for k, v in with_defaults("train", config["train"]).items() if k not in NOT_SETTINGS}
+    settings.update((with_defaults("distill", config.get("distill")) or {}).items())  # older runs: today's defaults
     settings["dataset"] = config.get("run", {}).get("dataset")
     if "teacher" in config:
         settings["teacher"] = _teacher_model(config["teacher"])

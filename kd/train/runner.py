@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from kd.train import checkpoint, device, engine, rundir, tracking
-from kd.config import DistillConfig, RunArgs, TrainConfig
+from kd.config import DistillConfig, RunArgs, TrainConfig, with_defaults
 from kd.data import CifarData, DeviceLoader, Layout, default_crop_padding, load_cifar
 from kd.distillers import Distiller
 from kd.errors import UsageError
@@ -247,7 +247,7 @@ RESUME_MAY_CHANGE = ("grad_accum",)
 def _resume_settings(resolved: Dict, may_change: Sequence[str]) -> Dict:
     flat = {"dataset": (resolved.get("run") or {}).get("dataset")}
     for section in RESUME_MUST_MATCH:
-        values = resolved.get(section)
+        values = with_defaults(section, resolved.get(section))  # a run saved before a field existed: its default
         if isinstance(values, dict):
             prefix = "data." if section == "data" else ""
             flat.update({prefix + k: v for k, v in values.items() if k not in may_change})
