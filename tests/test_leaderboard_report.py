@@ -87,7 +87,7 @@ def test_leaderboard_rows(board_root, tmp_path, capsys):
 def test_each_tuned_row_is_set_against_its_own_default_row(board_root, tmp_path, capsys):
     """The tuned logits row (T=2.5, alpha=0.75; seeds 0 and 1) minus the default logits row, not
     the logit-standardized one, which differs outside the search space (the fixture's runs
-    predate the flag: LS=none); a tuned row with no default row (dkd) gives no line."""
+    predate the flag, so they count as its default: LS=False); a tuned row with no default row (dkd) gives no line."""
     tuned = {**DISTILL, "temperature": 2.5, "alpha": 0.75}
     write_run(board_root / "logits" / "tuned" / "s1", (0.83,) * 4, seed=1, distill=tuned, teacher=str(board_root / "teacher"))
     with_history(board_root / "logits" / "tuned" / "s1", 50, 100, device="cuda (NVIDIA H100)", precision="bf16", tags=("tuned",))
@@ -103,7 +103,7 @@ def test_each_tuned_row_is_set_against_its_own_default_row(board_root, tmp_path,
     expected = stats.welch_interval([0.81, 0.83], [0.76, 0.78, 0.80])  # mean +0.04
     cell = f"{expected.mean:+.4f} [{expected.low:+.4f}, {expected.high:+.4f}]"
     assert table[2:] == ["| method | default | tuned | Δ accuracy [95% CI] | Δ F1 macro [95% CI] |", "|:--|:--|:--|--:|--:|",
-                         "| distill logits (cifar_resnet8) LS=none | T=4, alpha=0.9 (seeds 0, 1, 2) | "
+                         "| distill logits (cifar_resnet8) LS=False | T=4, alpha=0.9 (seeds 0, 1, 2) | "
                          f"T=2.5, alpha=0.75 (seeds 0, 1) | {cell} | {cell} |",
                          ""]
     assert expected.mean == pytest.approx(0.04) and expected.low < 0 < expected.high
