@@ -67,24 +67,24 @@ def find_columns(features, dataset: str, image_column: Optional[str] = None, lab
     from datasets import ClassLabel, Image as ImageFeature
 
     columns = column_list(features)
-    if image_column is None:
-        found = [name for name, f in features.items() if isinstance(f, ImageFeature)] or [c for c in IMAGE_COLUMNS if c in features]
+
+    def chosen(named: Optional[str], found: List[str], kind: str, flag: str) -> str:
+        """The column named with `flag`, else the single one found of its kind."""
+        if named is not None:
+            if named not in features:
+                raise UsageError(f"{flag} {named!r}: dataset {dataset} has no such column (its columns: {columns})")
+            return named
         if len(found) != 1:
-            what = "no image column" if not found else f"{len(found)} image columns ({', '.join(found)})"
-            raise UsageError(f"dataset {dataset} has {what}; name one with --image-column (its columns: {columns})")
-        image_column = found[0]
-    elif image_column not in features:
-        raise UsageError(f"--image-column {image_column!r}: dataset {dataset} has no such column (its columns: {columns})")
-    if label_column is None:
-        found = [name for name, f in features.items() if isinstance(f, ClassLabel)]
-        if not found and "label" in features:  # plain values; a type that holds no labels is refused below
-            found = ["label"]
-        if len(found) != 1:
-            what = "no class-label column" if not found else f"{len(found)} class-label columns ({', '.join(found)})"
-            raise UsageError(f"dataset {dataset} has {what}; name one with --label-column (its columns: {columns})")
-        label_column = found[0]
-    elif label_column not in features:
-        raise UsageError(f"--label-column {label_column!r}: dataset {dataset} has no such column (its columns: {columns})")
+            what = f"no {kind} column" if not found else f"{len(found)} {kind} columns ({', '.join(found)})"
+            raise UsageError(f"dataset {dataset} has {what}; name one with {flag} (its columns: {columns})")
+        return found[0]
+
+    images = [name for name, f in features.items() if isinstance(f, ImageFeature)] or [c for c in IMAGE_COLUMNS if c in features]
+    labels = [name for name, f in features.items() if isinstance(f, ClassLabel)]
+    if not labels and "label" in features:  # plain values; a type that holds no labels is refused below
+        labels = ["label"]
+    image_column = chosen(image_column, images, "image", "--image-column")
+    label_column = chosen(label_column, labels, "class-label", "--label-column")
     if not label_like(features[label_column]):
         raise UsageError(f"column {label_column!r} of dataset {dataset} holds {_feature_kind(features[label_column])} values, "
                          "not class labels (a ClassLabel, integers or strings); name another with --label-column")
