@@ -183,9 +183,7 @@ def write_lookalike(folder: Path, splits: dict, size=(32, 32), mode: str = "RGB"
     """A small dataset in another set's own layout: `splits` {name: rows}; `labels` {column: "classlabel" |
     "int" (class c is 5c) | "string" ("kind-00c") | "float" | (num_classes for a ClassLabel of its own)}; images of `size` (W, H), or a list of
     sizes drawn in turn, in PIL `mode` (RGB, L, RGBA), tinted by the first label column's class; `broken`
-    {split: row} replaces that row's bytes by ones no image reader accepts. Give each different data set a folder
-    name of its own: `datasets` (5.2) caches a folder whose card declares its splits under the folder's name and
-    those declarations, not its files, so a same-named folder with other content reads the first one's rows."""
+    {split: row} replaces that row's bytes by ones no image reader accepts."""
     import datasets
     from PIL import Image
 

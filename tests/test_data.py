@@ -93,6 +93,23 @@ def test_missing_dataset_folder_is_a_usage_error(tmp_path):
         load_cifar(str(tmp_path / "nope"))
 
 
+def test_same_named_folders_and_a_folder_rewritten_in_place_read_their_own_rows(tmp_path):
+    """datasets (5.2) caches a folder whose card declares its splits under the folder's name and
+    card, not its files: each version of a folder gets its own cache, and its own decoded copy."""
+    splits = {"train": 20, "test": 10}
+
+    def images(folder):
+        return load_cifar(str(folder), val_size=0).train.images
+
+    truth = {seed: images(write_lookalike(tmp_path / f"only-{seed}", splits, seed=seed)) for seed in (0, 1, 2)}
+    assert not torch.equal(truth[0], truth[1]) and not torch.equal(truth[0], truth[2])
+    first = write_lookalike(tmp_path / "a" / "same", splits, seed=0)
+    assert torch.equal(images(first), truth[0])
+    assert torch.equal(images(write_lookalike(tmp_path / "b" / "same", splits, seed=1)), truth[1])
+    write_lookalike(first, splits, seed=2)  # the first folder, its files rewritten
+    assert torch.equal(images(first), truth[2])
+
+
 def test_a_single_class_label_column_of_any_name_is_the_label(tmp_path):
     folder = write_tiny_cifar(tmp_path / "ds", n_train=8, n_test=4, label_column="target")
     data = load_cifar(str(folder), val_size=0)

@@ -3,6 +3,7 @@ named by flags), decoded once into a uint8 tensor (N x 3 x H x W, kd.data.images
 kept on the training device, augmented a whole batch at a time (airbench's approach: no PIL
 and no worker processes in the hot loop)."""
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,19 @@ def is_local_dataset(dataset: str) -> bool:
     return Path(dataset).expanduser().exists() or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1
 
 
+def folder_signature(folder: Path) -> str:
+    """Which version of a local data set folder this is: its resolved path, and each file's path
+    in it, size and modification time (hidden files and folders aside: .git, .cache)."""
+    folder = folder.resolve()
+    files = [folder] if folder.is_file() else sorted(
+        path for path in folder.rglob("*") if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+    digest = hashlib.sha256(str(folder).encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"\0{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
 def _load_dataset_dict(dataset: str):
     import datasets
 
@@ -98,7 +112,17 @@ def _load_dataset_dict(dataset: str):
     if looks_local and not local.exists():
         raise UsageError(f"dataset folder {dataset} does not exist; pass --dataset with a folder that holds the parquet files")
     try:
-        return datasets.load_dataset(str(local) if looks_local else dataset)
+        if not looks_local:
+            return datasets.load_dataset(dataset)
+        # datasets (5.2) keys its cache of a folder whose card declares the splits by the folder's
+        # name and that card: a same-named folder elsewhere, or files changed in place, would read
+        # the first rows it cached. Each version of a folder gets a cache (and a fingerprint, which
+        # names kd's decoded copy) of its own.
+        signature = folder_signature(local)
+        loaded = datasets.load_dataset(str(local), cache_dir=str(Path(datasets.config.HF_DATASETS_CACHE) / "kd-local" / signature[:20]))
+        return datasets.DatasetDict({name: datasets.Dataset(split.data, info=split.info, split=split.split,
+                                                            fingerprint=hashlib.sha256(f"{signature}:{name}".encode()).hexdigest()[:16])
+                                     for name, split in loaded.items()})
     except Exception as error:  # datasets raises many types; all mean "could not load"
         if looks_local:
             raise UsageError(f"could not read a dataset from {dataset}: {error}") from error
