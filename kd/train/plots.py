@@ -66,25 +66,38 @@ def save_png_atomic(figure, path: Path) -> Path:
     return path
 
 
+COUNTED_CLASSES = 20  # up to this many classes each cell shows its count
+NAMED_CLASSES = 100  # up to this many the axes name every class; above, they number them
+CONFUSION_INCHES = 16  # the largest side: a figure that grows with the classes would take minutes and GBs for 1,000
+
+
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path, title: str = "confusion matrix (test)") -> Path:
     """The counts as a heat map, rows the true class and columns the predicted one; the colour
     is the share of the true class's images (recall on the diagonal), so classes of different
-    sizes read alike."""
+    sizes read alike. Up to COUNTED_CLASSES classes each cell shows its count, up to
+    NAMED_CLASSES the axes name each class; the figure's side stops at CONFUSION_INCHES."""
     import numpy as np
     from matplotlib.figure import Figure
 
     counts = np.asarray(matrix, dtype=np.int64)
     shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    size = 2.5 + 0.55 * len(class_names)
+    classes = len(class_names)
+    size = min(2.5 + 0.55 * classes, CONFUSION_INCHES)
     figure = Figure(figsize=(size + 1, size), layout="constrained")
     axes = figure.subplots()
-    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    for (row, column), count in np.ndenumerate(counts):
-        axes.text(column, row, str(count), ha="center", va="center", fontsize=7, color="white" if shares[row, column] > 0.5 else "black")
-    ticks = range(len(class_names))
-    axes.set_xticks(ticks, class_names, rotation=45, ha="right")
-    axes.set_yticks(ticks, class_names)
-    axes.set(xlabel="predicted", ylabel="true", title=title)
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    if classes <= COUNTED_CLASSES:
+        for (row, column), count in np.ndenumerate(counts):
+            axes.text(column, row, str(count), ha="center", va="center", fontsize=7, color="white" if shares[row, column] > 0.5 else "black")
+    if classes <= NAMED_CLASSES:
+        fontsize = min(10, 700 / classes)  # points: 10 for CIFAR-10, 7 for 100 classes on 16 inches
+        axes.set_xticks(range(classes), class_names, rotation=45 if classes <= COUNTED_CLASSES else 90, ha="right" if classes <= COUNTED_CLASSES else "center",
+                        fontsize=fontsize)
+        axes.set_yticks(range(classes), class_names, fontsize=fontsize)
+        axes.set(xlabel="predicted", ylabel="true")
+    else:
+        axes.set(xlabel="predicted (class index)", ylabel="true (class index)")
+    axes.set_title(title)
     figure.colorbar(image, ax=axes, label="share of the true class")
     return save_png_atomic(figure, Path(path))
 
