@@ -89,15 +89,14 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
     if classes <= COUNTED_CLASSES:
         for (row, column), count in np.ndenumerate(counts):
             axes.text(column, row, str(count), ha="center", va="center", fontsize=7, color="white" if shares[row, column] > 0.5 else "black")
-    if classes <= NAMED_CLASSES:
+    named = classes <= NAMED_CLASSES
+    if named:
         fontsize = min(10, 700 / classes)  # points: 10 for CIFAR-10, 7 for 100 classes on 16 inches
-        axes.set_xticks(range(classes), class_names, rotation=45 if classes <= COUNTED_CLASSES else 90, ha="right" if classes <= COUNTED_CLASSES else "center",
-                        fontsize=fontsize)
+        rotation, align = (45, "right") if classes <= COUNTED_CLASSES else (90, "center")
+        axes.set_xticks(range(classes), class_names, rotation=rotation, ha=align, fontsize=fontsize)
         axes.set_yticks(range(classes), class_names, fontsize=fontsize)
-        axes.set(xlabel="predicted", ylabel="true")
-    else:
-        axes.set(xlabel="predicted (class index)", ylabel="true (class index)")
-    axes.set_title(title)
+    index = "" if named else " (class index)"
+    axes.set(xlabel=f"predicted{index}", ylabel=f"true{index}", title=title)
     figure.colorbar(image, ax=axes, label="share of the true class")
     return save_png_atomic(figure, Path(path))
 
